@@ -1,0 +1,118 @@
+"""LLMEngine: schedule, execute, sample, update; one call to step() is one forward pass.
+
+Thread model: one thread owns the engine and calls add_request/abort/step. `validate` and `new_request` only read
+frozen state, so the server calls them from its own threads before anything is handed to the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+
+from engine.config import EngineConfig, ModelSpec
+from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import InvalidRequest
+from engine.model_runner import ModelRunner
+from engine.request import FinishReason, Request, RequestOutput, SamplingParams, StoppingParams, TokenLogprob, Usage
+from engine.sampler import SamplerState, new_state, sample
+from engine.scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RequestState:
+    sampler: SamplerState
+    detokenizer: IncrementalDetokenizer
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.spec: ModelSpec = self.runner.spec
+        self.tokenizer = self.runner.tokenizer
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.spec.max_model_len, num_blocks=self.spec.num_kv_blocks, block_size=config.block_size))
+
+    def step(self) -> list[RequestOutput]:
+        output = self.scheduler.schedule()
+        for request_id in output.preempted:
+            self.runner.cache.release(request_id)
+        if not output.scheduled:
+            return []
+        self._mark_scheduled(output.scheduled)
+        batch, logits = self.runner.execute(output)
+        requests = [self.scheduler.requests[rid] for rid in batch.sample_ids]
+        tokens, logprobs = sample(logits, requests, [r.extra.sampler for r in requests])
+        self.scheduler.update(output, dict(zip(batch.sample_ids, tokens)))
+        return [self._output(r, t, lp) for r, t, lp in zip(requests, tokens, logprobs)]
+
+    def validate(self, prompt_ids: list[int], stopping: StoppingParams) -> None:
+        """Raises InvalidRequest when the request can never run on this engine. Reads only frozen state."""
+        if not prompt_ids:
+            raise InvalidRequest("input", "the prompt is empty")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.spec.vocab_size:
+            raise InvalidRequest("input.prompt_token_ids", f"token ids must be in [0, {self.spec.vocab_size})")
+        total = len(prompt_ids) + stopping.max_new_tokens
+        if len(prompt_ids) >= self.spec.max_model_len:
+            raise InvalidRequest("input", f"the prompt has {len(prompt_ids)} tokens; the context holds "
+                                          f"{self.spec.max_model_len} (prompt + at least one new token)")
+        if total > self.spec.max_model_len:
+            raise InvalidRequest("stopping.max_new_tokens", f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
+                                                            f"({stopping.max_new_tokens}) exceeds the context of "
+                                                            f"{self.spec.max_model_len} tokens")
+
+    def default_max_new_tokens(self, prompt_len: int) -> int:
+        return max(1, min(self.config.max_new_tokens_default, self.spec.max_model_len - prompt_len))
+
+    def new_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
+                    stopping: StoppingParams) -> Request:
+        self.validate(prompt_ids, stopping)
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
+        state = RequestState(new_state(seed, self.runner.device),
+                             IncrementalDetokenizer(self.tokenizer, prompt_ids, stopping.stop))
+        return Request(request_id, list(prompt_ids), sampling, stopping, eos_token_ids=self.spec.eos_token_ids,
+                       extra=state)
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add(request)
+
+    def abort(self, request_id: str) -> bool:
+        """Ends a request without output (cancel, deadline, drain); frees everything it holds."""
+        request = self.scheduler.finish(request_id, FinishReason.ABORTED)
+        self.runner.cache.release(request_id)
+        return request is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def _mark_scheduled(self, scheduled) -> None:
+        now = time.monotonic()
+        for item in scheduled:
+            request = self.scheduler.requests[item.request_id]
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+
+    def _output(self, request: Request, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        now = time.monotonic()
+        if request.first_token_time is None:
+            request.first_token_time = now
+        detokenizer = request.extra.detokenizer
+        detokenizer.add([token])
+        if detokenizer.stopped and not request.finished:
+            self.scheduler.finish(request.request_id, FinishReason.STOP_SEQUENCE)
+        if not request.finished:
+            return RequestOutput(request.request_id, (token,), detokenizer.take(), (logprob,) if logprob else ())
+        self.runner.cache.release(request.request_id)
+        usage = Usage(
+            prompt_tokens=request.num_prompt_tokens, completion_tokens=request.num_output_tokens,
+            time_to_first_token_s=request.first_token_time - request.arrival_time,
+            total_time_s=now - request.arrival_time,
+            queue_time_s=(request.first_scheduled_time or now) - request.arrival_time,
+            preemptions=request.num_preemptions)
+        return RequestOutput(request.request_id, (token,), detokenizer.take(final=True),
+                             (logprob,) if logprob else (), request.finish_reason, usage, request.extra.sampler.seed)

@@ -1,0 +1,23 @@
+"""KV caches behind one seam. A cache owns its tensors per layer and answers, for one layer of one forward pass,
+`forward(layer, q, k, v, batch, scale)`: store this step's K/V and return the attention output. The dense paged
+cache lives in paged.py; the tiered, certified cache plugs in through the same three methods."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from engine.batch import ForwardBatch
+
+
+class KVCache(Protocol):
+    def prepare(self, batch: ForwardBatch) -> None:
+        """Called once per forward pass before any layer runs (per-step metadata goes into batch.cache_meta)."""
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
+                scale: float) -> torch.Tensor:
+        """q [T, H, D], k and v [T, Hkv, D] (post-RoPE) -> attention output [T, H, D]."""
+
+    def release(self, request_id: str) -> None:
+        """The request finished or was preempted: drop any per-sequence state (its blocks are freed elsewhere)."""

@@ -1,0 +1,112 @@
+"""ModelRunner: an HF causal LM running through certkv attention over the paged KV cache, one forward per step."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from engine.attention import ATTN_IMPLEMENTATION, register
+from engine.batch import ForwardBatch, build_forward_batch
+from engine.config import EngineConfig, ModelSpec
+from engine.kv.paged import PagedKVCache
+from engine.scheduler import SchedulerOutput
+from engine.weights import resolve_model
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("EngineConfig.device: cuda requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def load_tokenizer(path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(path)
+
+
+def context_limit(hf: PretrainedConfig) -> int:
+    """The longest context the model supports with full attention (a sliding window caps it)."""
+    limit = hf.max_position_embeddings
+    window = getattr(hf, "sliding_window", None)
+    if window and getattr(hf, "use_sliding_window", True):
+        limit = min(limit, window)
+    return limit
+
+
+def check_supported(hf: PretrainedConfig) -> None:
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(hf, name, None):
+            raise ValueError(f"model: {hf.model_type} uses {name}, which certkv attention does not implement")
+    if getattr(hf, "layer_types", None) and any(t != "full_attention" for t in hf.layer_types):
+        raise ValueError(f"model: {hf.model_type} mixes attention types {set(hf.layer_types)}; only full attention")
+
+
+def eos_ids(model, tokenizer) -> tuple[int, ...]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        register()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        path = resolve_model(config.model)
+        self.tokenizer = load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, attn_implementation=ATTN_IMPLEMENTATION)
+        self.model = model.to(self.device).eval()
+        self.spec = self._build_spec(config, str(path))
+        self.cache = PagedKVCache(self.spec.num_layers, self.spec.num_kv_blocks, config.block_size,
+                                  self.spec.num_kv_heads, self.spec.head_dim, self.dtype, self.device)
+        log.info("loaded %s (%s, %s on %s): %d KV blocks of %d tokens", path, self.spec.architecture, self.dtype,
+                 self.device, self.spec.num_kv_blocks, config.block_size)
+
+    def _build_spec(self, config: EngineConfig, model_id: str) -> ModelSpec:
+        hf = self.model.config.get_text_config()
+        check_supported(hf)
+        heads = hf.num_attention_heads
+        kv_heads = getattr(hf, "num_key_value_heads", None) or heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+        limit = context_limit(hf)
+        if config.max_model_len and config.max_model_len > limit:
+            raise ValueError(f"EngineConfig.max_model_len: {config.max_model_len} exceeds the model's context {limit}")
+        per_block = PagedKVCache.bytes_per_block(hf.num_hidden_layers, config.block_size, kv_heads, head_dim, self.dtype)
+        blocks = config.num_kv_blocks or config.kv_cache_memory // per_block
+        if blocks < 1:
+            raise ValueError(f"EngineConfig.kv_cache_memory: less than one KV block ({per_block} bytes)")
+        return ModelSpec(
+            model_id=model_id, architecture=type(self.model).__name__, num_layers=hf.num_hidden_layers,
+            num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=hf.vocab_size,
+            max_model_len=min(config.max_model_len or limit, blocks * config.block_size),
+            eos_token_ids=eos_ids(self.model, self.tokenizer), dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device), block_size=config.block_size, num_kv_blocks=blocks,
+            has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
+        )
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> tuple[ForwardBatch, torch.Tensor]:
+        """Runs the scheduled tokens; returns the batch and the float32 logits [S, vocab] of its sampled rows."""
+        batch = build_forward_batch(output, self.spec.block_size, self.device)
+        self.cache.prepare(batch)
+        result = self.model(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
+                            logits_to_keep=batch.logits_indices, use_cache=False, forward_batch=batch,
+                            kv_cache=self.cache)
+        return batch, result.logits[0].float()

