@@ -17,9 +17,17 @@ from engine.errors import InvalidRequest
 from engine.model_runner import ModelRunner
 from engine.request import FinishReason, Request, RequestOutput, SamplingParams, StoppingParams, TokenLogprob, Usage
 from engine.sampler import SamplerState, new_state, sample
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 log = logging.getLogger(__name__)
+
+
+class StepFailed(Exception):
+    """A forward pass or sampling raised; the requests of that step were aborted, every other one is intact."""
+
+    def __init__(self, request_ids: list[str]):
+        super().__init__(f"step failed for {len(request_ids)} requests")
+        self.request_ids = request_ids
 
 
 @dataclass(slots=True)
@@ -44,12 +52,23 @@ class LLMEngine:
             self.runner.cache.release(request_id)
         if not output.scheduled:
             return []
-        self._mark_scheduled(output.scheduled)
-        batch, logits = self.runner.execute(output)
-        requests = [self.scheduler.requests[rid] for rid in batch.sample_ids]
-        tokens, logprobs = sample(logits, requests, [r.extra.sampler for r in requests])
-        self.scheduler.update(output, dict(zip(batch.sample_ids, tokens)))
+        requests, tokens, logprobs = self._execute_and_sample(output)
+        self.scheduler.update(output, {r.request_id: t for r, t in zip(requests, tokens)})
         return [self._output(r, t, lp) for r, t, lp in zip(requests, tokens, logprobs)]
+
+    def _execute_and_sample(self, output: SchedulerOutput):
+        """Forward pass and sampling; on any exception the step's requests are aborted and StepFailed raised."""
+        self._mark_scheduled(output.scheduled)
+        try:
+            batch, logits = self.runner.execute(output)
+            requests = [self.scheduler.requests[rid] for rid in batch.sample_ids]
+            tokens, logprobs = sample(logits, requests, [r.extra.sampler for r in requests])
+            return requests, tokens, logprobs
+        except Exception as exc:
+            failed = [item.request_id for item in output.scheduled]
+            for request_id in failed:
+                self.abort(request_id)
+            raise StepFailed(failed) from exc
 
     def validate(self, prompt_ids: list[int], stopping: StoppingParams) -> None:
         """Raises InvalidRequest when the request can never run on this engine. Reads only frozen state."""

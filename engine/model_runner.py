@@ -6,6 +6,7 @@ import logging
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from engine.attention import ATTN_IMPLEMENTATION, register
 from engine.batch import ForwardBatch, build_forward_batch
@@ -65,6 +66,7 @@ def eos_ids(model, tokenizer) -> tuple[int, ...]:
 class ModelRunner:
     def __init__(self, config: EngineConfig):
         register()
+        hf_logging.disable_progress_bar()
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)

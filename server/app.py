@@ -1,0 +1,131 @@
+"""The gRPC server: Inference, grpc.health.v1 and reflection on one grpc.aio server, run on uvloop.
+
+Life cycle: start() binds the port with health NOT_SERVING; load() builds the engine on a worker thread, starts
+the engine thread, runs a one-token warm-up and only then reports SERVING. drain() (SIGTERM) flips health to
+NOT_SERVING for good, refuses new Generate calls with UNAVAILABLE, waits `drain_delay_s` so load balancers see it,
+lets in-flight streams finish within `drain_grace_s`, then stops the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.model_runner import load_tokenizer
+from engine.request import SamplingParams, StoppingParams
+from server.async_engine import AsyncEngine
+from server.config import ServerConfig
+from server.pb.certkv.v1 import inference_pb2 as pb
+from server.pb.certkv.v1 import inference_pb2_grpc as pb_grpc
+from server.service import InferenceService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),  # ping idle connections to find dead clients
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class CertkvServer:
+    def __init__(self, config: ServerConfig, engine_config: EngineConfig, engine: LLMEngine | None = None):
+        self.config = config
+        self.engine_config = engine_config
+        self.engine = engine  # tests may pass a built engine
+        self.async_engine: AsyncEngine | None = None
+        self.health = HealthServicer()
+        self.service = InferenceService(config)
+        self.grpc = grpc.aio.server(options=grpc_options(config))
+        pb_grpc.add_InferenceServicer_to_server(self.service, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.grpc)
+        self.port: int | None = None
+        self._draining: asyncio.Future | None = None
+
+    async def start(self) -> int:
+        self.port = self.grpc.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        await self._set_health(NOT_SERVING)
+        await self.grpc.start()
+        log.info("listening on %s:%d (NOT_SERVING until the model is loaded)", self.config.host, self.port)
+        return self.port
+
+    async def load(self) -> None:
+        if self.engine is None:
+            self.engine = await asyncio.to_thread(LLMEngine, self.engine_config)
+        tokenizer = await asyncio.to_thread(load_tokenizer, self.engine.spec.model_id)
+        self.async_engine = AsyncEngine(self.engine, self.config.max_pending_requests, on_fatal=self._on_fatal)
+        self.async_engine.start()
+        self.service.attach(self.async_engine, tokenizer)
+        if self.config.warmup:
+            await self._warmup()
+        self.async_engine.accepting = True
+        await self._set_health(SERVING)
+        log.info("SERVING %s", self.engine.spec.model_id)
+
+    async def drain(self) -> None:
+        """Idempotent: a second call waits for the same steps."""
+        if self._draining is None:
+            self._draining = asyncio.ensure_future(self._drain())
+        await self._draining
+
+    async def _drain(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self.async_engine is not None:
+            self.async_engine.accepting = False
+        await asyncio.sleep(self.config.drain_delay_s)
+        await self.grpc.stop(self.config.drain_grace_s)
+        if self.async_engine is not None:
+            await self.async_engine.shutdown()
+        log.info("stopped")
+
+    async def _warmup(self) -> None:
+        first = self.engine.spec.eos_token_ids[0] if self.engine.spec.eos_token_ids else 0
+        request = self.engine.new_request("warmup", [first], SamplingParams(), StoppingParams(max_new_tokens=1))
+        async for _ in self.async_engine.run(request):
+            pass
+
+    async def _set_health(self, status) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    def _on_fatal(self) -> None:
+        self._fatal = asyncio.ensure_future(self._set_health(NOT_SERVING))
+
+
+async def serve(config: ServerConfig, engine_config: EngineConfig) -> None:
+    """Runs until SIGTERM or SIGINT, then drains. Raises if the model cannot be loaded."""
+    server = CertkvServer(config, engine_config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loading = asyncio.create_task(server.load())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if loading.done() and loading.exception() is not None:
+        await server.grpc.stop(None)
+        raise loading.exception()
+    await stopping
+    loading.cancel()
+    await server.drain()

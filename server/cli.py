@@ -1,0 +1,72 @@
+"""`python -m server`: flags -> ServerConfig and EngineConfig (the only place configs are built), then serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import uvloop
+
+from engine.config import DEVICES, DTYPES, EngineConfig, parse_bytes
+from server.config import ServerConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m server", description="certkv gRPC inference server",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in containers)")
+    net.add_argument("--port", type=int, default=50051)
+    net.add_argument("--max-message-bytes", type=parse_bytes, default="4MiB", help="gRPC receive limit")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), an HF directory or a .gguf")
+    model.add_argument("--device", choices=DEVICES, default="auto")
+    model.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
+    model.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--kv-cache-memory", type=parse_bytes, default="1GiB", help="bytes of KV blocks")
+    engine.add_argument("--num-kv-blocks", type=int, default=None, help="overrides --kv-cache-memory")
+    engine.add_argument("--block-size", type=int, default=16, choices=(8, 16, 32))
+    engine.add_argument("--max-num-seqs", type=int, default=64, help="requests per batch")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per forward pass")
+    engine.add_argument("--max-model-len", type=int, default=None, help="context cap (default: the model's)")
+    engine.add_argument("--max-new-tokens-default", type=int, default=256)
+    limits = p.add_argument_group("admission and lifecycle")
+    limits.add_argument("--max-pending-requests", type=int, default=256, help="beyond: RESOURCE_EXHAUSTED")
+    limits.add_argument("--max-prompt-chars", type=int, default=1 << 20)
+    limits.add_argument("--drain-delay", type=float, default=1.0, help="seconds NOT_SERVING before stopping")
+    limits.add_argument("--drain-grace", type=float, default=30.0, help="seconds in-flight streams may finish")
+    limits.add_argument("--no-warmup", action="store_true", help="report SERVING without a warm-up generation")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
+    server = ServerConfig(
+        host=args.host, port=args.port, max_pending_requests=args.max_pending_requests,
+        max_prompt_chars=args.max_prompt_chars, max_message_bytes=args.max_message_bytes,
+        drain_delay_s=args.drain_delay, drain_grace_s=args.drain_grace, warmup=not args.no_warmup)
+    engine = EngineConfig(
+        model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        max_new_tokens_default=args.max_new_tokens_default, threads=args.threads)
+    return server, engine
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        server_config, engine_config = configs(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    from server.app import serve  # after argument parsing: importing torch and transformers takes seconds
+
+    try:
+        uvloop.run(serve(server_config, engine_config))
+    except (FileNotFoundError, ValueError) as exc:
+        logging.getLogger("certkv").error("cannot start: %s", exc)
+        sys.exit(1)

@@ -1,0 +1,107 @@
+"""`python -m server.client --target HOST:PORT "prompt"`: streams a generation to stdout.
+
+--chat sends the prompt as a user message (the model's chat template applies); --json prints each response
+message as one JSON line; --info prints the model description. Exit status 1 with the gRPC status on errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+from google.protobuf.json_format import MessageToJson
+
+from server.pb.certkv.v1 import inference_pb2 as pb
+from server.pb.certkv.v1 import inference_pb2_grpc as pb_grpc
+
+MODES = {"dense": pb.DENSE, "quantized": pb.QUANTIZED, "certified": pb.CERTIFIED, "exact": pb.EXACT,
+         "audit": pb.AUDIT}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m server.client", description=__doc__.splitlines()[0])
+    p.add_argument("prompt", nargs="?", help="prompt text (or token ids with --token-ids)")
+    p.add_argument("--target", default="127.0.0.1:50051")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    p.add_argument("--system", help="system message (with --chat)")
+    p.add_argument("--token-ids", action="store_true", help="the prompt is comma-separated token ids")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--logprobs", type=int, metavar="N", help="return logprobs and the N most likely tokens")
+    p.add_argument("--kv-mode", choices=sorted(MODES))
+    p.add_argument("--tolerance", type=float)
+    p.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    p.add_argument("--json", action="store_true", help="one JSON line per response message")
+    p.add_argument("--info", action="store_true", help="print GetModelInfo and exit")
+    return p
+
+
+def build_request(args: argparse.Namespace) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(logprobs=args.logprobs is not None, top_logprobs=args.logprobs or 0)
+    if args.token_ids:
+        request.prompt_token_ids.ids.extend(int(t) for t in args.prompt.split(","))
+    elif args.chat:
+        if args.system:
+            request.messages.messages.add(role="system", content=args.system)
+        request.messages.messages.add(role="user", content=args.prompt)
+    else:
+        request.prompt = args.prompt
+    s = request.sampling
+    s.temperature, s.top_k, s.min_p = args.temperature, args.top_k, args.min_p
+    s.frequency_penalty, s.presence_penalty = args.frequency_penalty, args.presence_penalty
+    for name in ("top_p", "repetition_penalty", "seed"):
+        if getattr(args, name) is not None:
+            setattr(s, name, getattr(args, name))
+    stopping = request.stopping
+    if args.max_new_tokens is not None:
+        stopping.max_new_tokens = args.max_new_tokens
+    stopping.min_new_tokens, stopping.ignore_eos = args.min_new_tokens, args.ignore_eos
+    stopping.stop.extend(args.stop)
+    if args.kv_mode:
+        request.kv.mode = MODES[args.kv_mode]
+    if args.tolerance is not None:
+        request.kv.tolerance = args.tolerance
+    return request
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.info and args.prompt is None:
+        parser.error("a prompt is required")
+    with grpc.insecure_channel(args.target) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        try:
+            if args.info:
+                print(MessageToJson(stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=args.timeout)))
+                return 0
+            last = None
+            for message in stub.Generate(build_request(args), timeout=args.timeout):
+                if args.json:
+                    print(MessageToJson(message, indent=None), flush=True)
+                else:
+                    print(message.text, end="", flush=True)
+                last = message
+        except grpc.RpcError as exc:
+            print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    if not args.json and last is not None:
+        u = last.usage
+        print(f"\n[{pb.FinishReason.Name(last.finish_reason)}; {u.prompt_tokens} prompt + {u.completion_tokens} "
+              f"completion tokens; ttft {u.time_to_first_token_s:.3f}s; total {u.total_time_s:.3f}s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The one mapping between protobuf messages and engine types, and from engine errors to gRPC statuses."""
+
+from __future__ import annotations
+
+import grpc
+
+from engine.config import ModelSpec
+from engine.errors import CapacityExceeded, DataLoss, EngineError, EngineUnavailable, InvalidRequest, RequestFailed
+from engine.request import FinishReason, RequestOutput, SamplingParams, StoppingParams
+from server.pb.certkv.v1 import inference_pb2 as pb
+
+MAX_REQUEST_ID_CHARS = 128
+
+STATUS_FOR_ERROR: dict[type[EngineError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    EngineUnavailable: grpc.StatusCode.UNAVAILABLE,
+    RequestFailed: grpc.StatusCode.INTERNAL,
+    DataLoss: grpc.StatusCode.DATA_LOSS,
+}
+
+_FINISH = {
+    FinishReason.STOP_SEQUENCE: pb.STOP_SEQUENCE,
+    FinishReason.EOS: pb.EOS,
+    FinishReason.LENGTH: pb.LENGTH,
+    FinishReason.STOP_TOKEN: pb.STOP_TOKEN,
+}
+
+
+def status_for(error: EngineError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """(code, details, trailing metadata) for an engine error; capacity errors carry a retry hint."""
+    code = next(c for cls, c in STATUS_FOR_ERROR.items() if isinstance(error, cls))
+    metadata = ()
+    if isinstance(error, CapacityExceeded):
+        metadata = (("retry-after-ms", str(int(error.retry_after_s * 1000))),)
+    return code, str(error), metadata
+
+
+def request_id(message: pb.GenerateRequest) -> str:
+    rid = message.request_id
+    if len(rid) > MAX_REQUEST_ID_CHARS or not rid.isprintable():
+        raise InvalidRequest("request_id", f"at most {MAX_REQUEST_ID_CHARS} printable characters")
+    return rid
+
+
+def sampling_params(message: pb.GenerateRequest) -> SamplingParams:
+    s = message.sampling
+    return SamplingParams(
+        temperature=s.temperature,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        top_k=s.top_k,
+        min_p=s.min_p,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+        frequency_penalty=s.frequency_penalty,
+        presence_penalty=s.presence_penalty,
+        seed=s.seed if s.HasField("seed") else None,
+        logprobs=message.logprobs,
+        top_logprobs=message.top_logprobs,
+    )
+
+
+def stopping_params(message: pb.GenerateRequest, default_max_new: int) -> StoppingParams:
+    s = message.stopping
+    return StoppingParams(
+        max_new_tokens=s.max_new_tokens if s.HasField("max_new_tokens") else default_max_new,
+        min_new_tokens=s.min_new_tokens,
+        stop=tuple(s.stop),
+        stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+    )
+
+
+def chat_messages(message: pb.ChatMessages) -> list[dict[str, str]]:
+    if not message.messages:
+        raise InvalidRequest("input.messages", "at least one message is required")
+    return [{"role": m.role, "content": m.content} for m in message.messages]
+
+
+def kv_mode(message: pb.GenerateRequest) -> int:
+    mode = message.kv.mode
+    if mode not in pb.KVMode.values():
+        raise InvalidRequest("kv.mode", f"unknown mode {mode}")
+    if message.kv.HasField("tolerance") and not message.kv.tolerance >= 0:
+        raise InvalidRequest("kv.tolerance", "must be >= 0")
+    return mode
+
+
+def response(out: RequestOutput, request_id: str) -> pb.GenerateResponse:
+    msg = pb.GenerateResponse(request_id=request_id, token_ids=out.token_ids, text=out.text)
+    for lp in out.logprobs:
+        msg.logprobs.append(pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                                            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]))
+    if out.finished:
+        msg.finish_reason = _FINISH[out.finish_reason]
+        u = out.usage
+        msg.usage.CopyFrom(pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                                    time_to_first_token_s=u.time_to_first_token_s, total_time_s=u.total_time_s,
+                                    queue_time_s=u.queue_time_s, preemptions=u.preemptions))
+        msg.seed = out.seed
+        msg.certificate.mode = pb.DENSE
+    return msg
+
+
+def model_info(spec: ModelSpec, max_new_default: int) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        model_id=spec.model_id, architecture=spec.architecture, max_context_length=spec.max_model_len,
+        vocab_size=spec.vocab_size, eos_token_ids=spec.eos_token_ids, dtype=spec.dtype, device=spec.device,
+        default_kv_mode=pb.DENSE, block_size=spec.block_size, num_kv_blocks=spec.num_kv_blocks,
+        num_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim, has_chat_template=spec.has_chat_template, max_new_tokens_default=max_new_default)
