@@ -23,16 +23,14 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale):
     q [Bd, H, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables [Bd, nb]; context_lens [Bd].
     Returns [Bd, H, D]. GQA: query head h reads KV head h // G.
     """
-    batch, heads, dim = q.shape
-    kv_heads = k_cache.shape[2]
-    keys = gather_blocks(k_cache, block_tables).transpose(1, 2)  # [Bd, Hkv, L, D]
-    values = gather_blocks(v_cache, block_tables).transpose(1, 2)
-    grouped = q.view(batch, kv_heads, heads // kv_heads, dim)  # [Bd, Hkv, G, D]
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scale  # [Bd, Hkv, G, L]
-    pad = torch.arange(keys.shape[2], device=q.device)[None, :] >= context_lens[:, None]
-    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    return torch.matmul(probs, values).reshape(batch, heads, dim)
+    longest = int(context_lens.max())
+    keys = gather_blocks(k_cache, block_tables)[:, :longest].transpose(1, 2)  # [Bd, Hkv, L, D]
+    values = gather_blocks(v_cache, block_tables)[:, :longest].transpose(1, 2)
+    mask = None
+    if int(context_lens.min()) != longest:
+        mask = (torch.arange(longest, device=q.device)[None, :] < context_lens[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.squeeze(2)
 
 
 def prefill_attention(q, keys, values, scale):

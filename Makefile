@@ -1,0 +1,44 @@
+# The two commands a fresh machine needs: `make serve` and `make test`. Both prepare .venv, the default model and
+# the gRPC stubs first; each step is skipped when its output is up to date.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+MODEL := .models/SmolLM2-135M-Instruct/config.json
+STUBS := server/pb/certkv/v1/inference_pb2.py
+HOST ?= 127.0.0.1
+PORT ?= 50051
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup model proto serve test bench clean
+
+setup: $(INSTALLED) $(STUBS)
+
+$(INSTALLED): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+$(STUBS): proto/certkv/v1/inference.proto $(INSTALLED)
+	$(BIN)/python -m grpc_tools.protoc -Iserver/pb=proto --python_out=. --pyi_out=. --grpc_python_out=. $<
+
+proto: $(STUBS)
+
+$(MODEL): | $(INSTALLED)
+	$(BIN)/python -m engine.weights install
+
+model: $(MODEL)
+
+serve: setup $(MODEL)
+	$(BIN)/python -m server --host $(HOST) --port $(PORT) $(ARGS)
+
+test: setup $(MODEL)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup $(MODEL)
+	$(BIN)/python loadtest/bench_throughput.py
+
+clean:
+	rm -rf $(VENV) server/pb .pytest_cache .hypothesis
