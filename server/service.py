@@ -36,23 +36,28 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.engine, self.tokenizer = engine, tokenizer
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        admitted = finished = False
         try:
             engine = self._ready()
             client_id = convert.request_id(request) or uuid.uuid4().hex
             prepared = await self._prepare(request, engine)
             async with aclosing(engine.generate(prepared)) as outputs:
+                admitted = True
                 async for output in outputs:
+                    finished = output.finished
                     yield convert.response(output, client_id)
         except EngineError as exc:
+            finished = True
             await _abort(context, exc)
-        except asyncio.CancelledError:
-            if self.engine is not None:
-                deadline = context.time_remaining()
-                self.engine.aborts["deadline" if deadline is not None and deadline <= 0 else "cancelled"] += 1
-            raise
         except Exception:
+            finished = True
             log.exception("Generate failed")
             await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged on the server)")
+        finally:
+            if admitted and not finished:  # the client went away (cancel, deadline, disconnect, server stop)
+                remaining = context.time_remaining()
+                reason = "deadline" if remaining is not None and remaining <= 0 else "cancelled"
+                self.engine.aborts[reason] += 1
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         try:

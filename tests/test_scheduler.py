@@ -51,12 +51,15 @@ class FakeRunner:
         return out, finished
 
 
-def run_to_completion(scheduler, runner, max_steps=10_000):
+def run_to_completion(scheduler, runner, max_steps=200_000):
+    """Steps until every request ended; liveness: a step with unfinished requests always schedules something."""
     finished = []
     for _ in range(max_steps):
         if not scheduler.has_unfinished():
             return finished
-        finished += runner.step()[1]
+        out, done = runner.step()
+        assert out.scheduled or out.preempted, "requests are waiting but nothing was scheduled"
+        finished += done
     raise AssertionError("scheduler did not drain")
 
 
