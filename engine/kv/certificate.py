@@ -73,11 +73,9 @@ def fp_slack(bound: torch.Tensor, score_error: torch.Tensor, value_scale: torch.
     return RELATIVE_MARGIN * bound + (weights + gamma(length + head_dim)) * value_scale
 
 
-def bound_terms(rho: torch.Tensor, eta: torch.Tensor, delta_t: torch.Tensor, alpha_t: torch.Tensor,
-                radius: torch.Tensor, score_error: torch.Tensor, value_scale: torch.Tensor, length: int,
-                head_dim: int) -> BoundTerms:
-    """All terms for a batch of heads: rho, eta [..., nb]; the rest [...] (radius broadcast over query heads)."""
-    e_val = value_error(rho, eta)
+def bound_terms(e_val: torch.Tensor, delta_t: torch.Tensor, alpha_t: torch.Tensor, radius: torch.Tensor,
+                score_error: torch.Tensor, value_scale: torch.Tensor, length: int, head_dim: int) -> BoundTerms:
+    """All terms for a batch of heads (tensors broadcast together), from the kernel's accumulators."""
     e_key = softmax_tv_bound(delta_t, alpha_t) * 2 * radius
     e_fp = fp_slack(e_val + e_key, score_error, value_scale, length, head_dim)
     return BoundTerms(e_val, e_key, e_fp)

@@ -1,0 +1,144 @@
+"""The certificate's soundness against a float64 reference, on random and adversarial cases (hypothesis).
+
+Each case is one query head over L tokens in blocks of 16: exact keys/values, stored ones with bounded errors,
+some blocks promoted (exact keys), the trailing partial block exact. The attention is computed in float32 as
+the kernel does; the reference in float64 from the exact tensors. The bound must hold every time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.kv import certificate as cert
+from engine.kv.quantizers import error_norms
+
+BS = 16
+
+
+def certify_case(q, k, k_hat, v, v_hat, promoted, scale):
+    """q [D]; k, k_hat, v, v_hat [L, D]; promoted [num_blocks] bool (exact keys used). Returns (actual, terms)."""
+    length, dim = k.shape
+    blocks = math.ceil(length / BS)
+    full = length // BS  # the partial block (if any) is exact, like the cache's tail
+    key_used = k_hat.clone()
+    for b in range(blocks):
+        if b >= full or promoted[b]:
+            key_used[b * BS:(b + 1) * BS] = k[b * BS:(b + 1) * BS]
+    value_used = v_hat.clone()
+    value_used[full * BS:] = v[full * BS:]
+    # kernel side, float32
+    scores = (key_used.float() @ q.float()) * scale
+    probs = torch.softmax(scores, dim=0)
+    out = probs @ value_used.float()
+    pad = blocks * BS - length
+    rho = torch.nn.functional.pad(probs, (0, pad)).view(blocks, BS).sum(-1)
+    in_tail = torch.tensor([b < full and not promoted[b] for b in range(blocks)])
+
+    def per_block(exact, approx):
+        exact = torch.nn.functional.pad(exact.float(), (0, 0, 0, pad)).view(blocks, BS, dim)
+        approx = torch.nn.functional.pad(approx.float(), (0, 0, 0, pad)).view(blocks, BS, dim)
+        return error_norms(exact[None, None].transpose(1, 2)[0], approx[None, None].transpose(1, 2)[0])[:, 0]
+
+    eps = per_block(k, key_used)
+    eta = per_block(v, value_used)
+    q_norm = q.float().norm()
+    delta_t = scale * q_norm * torch.where(in_tail, eps, 0).max()
+    alpha_t = (rho * in_tail).sum()
+    e_val = cert.value_error(rho, eta)
+    centre = v[:BS].float().mean(0)
+    radius = (v.float() - centre).norm(dim=-1).max() * (1 + 2**-20)
+    score_error = cert.gamma(dim) * scale * q_norm * key_used.float().norm(dim=-1).max()
+    value_scale = value_used.float().norm(dim=-1).max()
+    terms = cert.bound_terms(e_val, delta_t, alpha_t, radius, score_error, value_scale, length, dim)
+    reference = torch.softmax((k.double() @ q.double()) * scale, dim=0) @ v.double()
+    return (out.double() - reference).norm().item(), terms
+
+
+def make_case(seed, length, dim, key_err, val_err, kind):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(dim, generator=g) * 3
+    k = torch.randn(length, dim, generator=g) * 2
+    v = torch.randn(length, dim, generator=g)
+    e = torch.randn(length, dim, generator=g)
+    e = e / e.norm(dim=-1, keepdim=True) * key_err * torch.rand(length, 1, generator=g)
+    if kind == "aligned":  # errors along +-q: every score moves by exactly +-Delta (the tanh bound is tight)
+        sign = torch.where(torch.rand(length, 1, generator=g) < 0.5, -1.0, 1.0)
+        e = sign * key_err * q / q.norm()
+    if kind == "sink":  # one token takes most of the mass and carries a huge value
+        k[0] = q / q.norm() * 8
+        v[0] *= 50
+    if kind == "outlier":
+        k[:, 3] *= 40
+        q[3] *= 10
+    if kind == "near_tie":
+        k[:] = k[0]
+        k += torch.randn(length, dim, generator=g) * 1e-3
+    ev = torch.randn(length, dim, generator=g)
+    ev = ev / ev.norm(dim=-1, keepdim=True) * val_err * torch.rand(length, 1, generator=g)
+    blocks = math.ceil(length / BS)
+    promoted = torch.rand(blocks, generator=g) < 0.3
+    if kind == "promoted_big":  # promoted blocks carry the largest key errors and values: they must not leak in
+        big = torch.zeros(length, dtype=torch.bool)
+        for b in range(blocks):
+            if promoted[b]:
+                big[b * BS:(b + 1) * BS] = True
+        e[big] *= 20
+        v[big] *= 10
+    return q, k, k + e, v, v + ev, promoted
+
+
+KINDS = ["random", "aligned", "sink", "outlier", "near_tie", "promoted_big"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**31), length=st.sampled_from([1, 2, 15, 16, 17, 33, 64, 300]),
+       dim=st.sampled_from([16, 64]), key_err=st.sampled_from([0.0, 1e-3, 0.05, 0.5, 3.0]),
+       val_err=st.sampled_from([0.0, 1e-3, 0.1, 1.0]), kind=st.sampled_from(KINDS))
+def test_bound_holds(seed, length, dim, key_err, val_err, kind):
+    q, k, k_hat, v, v_hat, promoted = make_case(seed, length, dim, key_err, val_err, kind)
+    actual, terms = certify_case(q, k, k_hat, v, v_hat, promoted, dim ** -0.5)
+    assert actual <= terms.total.item(), (actual, terms)
+
+
+def test_tanh_form_is_attained():
+    """Reference masses sigma(-Delta), sigma(Delta) and score errors +Delta, -Delta: TV equals tanh(Delta / 2)."""
+    delta = torch.tensor(0.7, dtype=torch.float64)
+    exact = torch.stack([torch.sigmoid(-delta), torch.sigmoid(delta)])
+    perturbed = torch.softmax(exact.log() + torch.stack([delta, -delta]), 0)
+    tv = (perturbed - exact).abs().sum() / 2
+    assert torch.isclose(tv, torch.tanh(delta / 2))
+    assert torch.isclose(cert.softmax_tv_bound(delta, torch.tensor(1.0, dtype=torch.float64)), tv)
+
+
+def test_tail_mass_form_is_tighter_for_small_tails():
+    delta, alpha = torch.tensor(2.0), torch.tensor(1e-3)
+    assert cert.softmax_tv_bound(delta, alpha) == alpha * torch.expm1(delta) < torch.tanh(delta / 2)
+    assert cert.softmax_tv_bound(torch.tensor(0.0), torch.tensor(0.5)) == 0
+
+
+def test_exact_keys_and_values_leave_only_rounding():
+    q, k, _, v, _, _ = make_case(3, 300, 64, 0.0, 0.0, "random")
+    actual, terms = certify_case(q, k, k, v, v, torch.zeros(19, dtype=torch.bool), 0.125)
+    assert terms.e_val.item() < 1e-30 and terms.e_key.item() < 1e-30  # rounded up from 0, never below
+    value_scale = v.float().norm(dim=-1).max().item()
+    assert actual <= terms.e_fp.item() < 1e-3 * value_scale  # rounding-sized
+
+
+def test_radius_over_tail_only_would_be_unsound():
+    """The published trap: R taken over the tail tokens only. A promoted sink with a huge value breaks it."""
+    q, k, k_hat, v, v_hat, promoted = make_case(7, 64, 16, 1.0, 0.0, "random")
+    promoted[:] = False
+    promoted[0] = True
+    k[0] = q / q.norm() * 2
+    k_hat[0] = k[0]
+    v[0] *= 80
+    v_hat[0] = v[0]
+    actual, terms = certify_case(q, k, k_hat, v, v_hat, promoted, 0.25)
+    assert actual <= terms.total.item()
+    tail_radius = (v[16:].float() - v[:16].float().mean(0)).norm(dim=-1).max()
+    naive = cert.softmax_tv_bound(0.25 * q.norm(), torch.tensor(1.0)) * 2 * tail_radius
+    assert naive < terms.e_key  # the sound radius is larger, as it must be
