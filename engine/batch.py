@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from engine.request import KVPolicy
 from engine.scheduler import SchedulerOutput
 
 
@@ -30,6 +31,8 @@ class ForwardBatch:
     prefill_seqs: list[int]  # indices (into B) of sequences with more than one new token
     logits_indices: torch.Tensor  # [S] int64: rows of T whose logits are sampled, one per sampling sequence
     sample_ids: list[str]  # S: the request of each sampled row
+    block_ids: list[list[int]]  # B: each sequence's block table as a list (what the tiered cache plans with)
+    kv: list[KVPolicy]  # B: each sequence's KV mode and tolerance
     block_size: int
     cache_meta: Any = field(default=None)  # filled once per step by the KV cache's prepare(); read only by it
 
@@ -41,7 +44,8 @@ class ForwardBatch:
         return self.query_starts[seq + 1] - self.query_starts[seq]
 
 
-def build_forward_batch(output: SchedulerOutput, block_size: int, device: torch.device) -> ForwardBatch:
+def build_forward_batch(output: SchedulerOutput, block_size: int, device: torch.device,
+                        kv: list[KVPolicy]) -> ForwardBatch:
     input_ids, positions, slots, starts, query_starts = [], [], [], [], [0]
     decode_seqs, decode_rows, prefill_seqs, logits_rows, sample_ids = [], [], [], [], []
     for seq, item in enumerate(output.scheduled):
@@ -80,5 +84,7 @@ def build_forward_batch(output: SchedulerOutput, block_size: int, device: torch.
         prefill_seqs=prefill_seqs,
         logits_indices=tensor(logits_rows),
         sample_ids=sample_ids,
+        block_ids=[item.block_ids for item in output.scheduled],
+        kv=kv,
         block_size=block_size,
     )

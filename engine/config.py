@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass
 
 DEVICES = ("auto", "cpu", "cuda")
+KV_MODES = ("dense", "quantized", "certified", "exact", "audit")
+DEFAULT_TOLERANCE = 0.05  # relative; see README "Choosing the tolerance" for the sweep behind it
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -37,6 +39,13 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output cap; default and upper bound: the model's context
     max_new_tokens_default: int = 256  # when a request leaves max_new_tokens unset
     threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
+    kv_mode: str = "certified"  # dense: plain paged cache; others: the tiered cache, mode = requests' default
+    tolerance: float = DEFAULT_TOLERANCE  # certified/audit requests' default
+    k_bits: int = 8
+    v_bits: int = 4
+    quantizer: str = "minmax"
+    scratch_blocks: int = 512  # per layer: promoted exact (block, KV head) pieces kept on the device, keys and values each
+    shadow_memory: int = 2 << 30  # bytes of tier-2 shadows (host); with kv_cache_memory it caps the number of blocks
 
     def __post_init__(self) -> None:
         _require(self.device in DEVICES, "device", f"must be one of {DEVICES}")
@@ -49,6 +58,16 @@ class EngineConfig:
         _require(self.max_model_len is None or self.max_model_len > 1, "max_model_len", "must be > 1")
         _require(self.max_new_tokens_default > 0, "max_new_tokens_default", "must be positive")
         _require(self.threads is None or self.threads > 0, "threads", "must be positive")
+        _require(self.kv_mode in KV_MODES, "kv_mode", f"must be one of {KV_MODES}")
+        _require(self.tolerance >= 0 and self.tolerance == self.tolerance, "tolerance", "must be >= 0")
+        _require(self.k_bits in (4, 8), "k_bits", "must be 8 or 4")
+        _require(self.v_bits in (2, 4), "v_bits", "must be 4 or 2")
+        _require(self.scratch_blocks > 0, "scratch_blocks", "must be positive")
+        _require(self.shadow_memory > 0, "shadow_memory", "must be positive")
+
+    @property
+    def tiered(self) -> bool:
+        return self.kv_mode != "dense"
 
     def replace(self, **changes) -> EngineConfig:
         return dataclasses.replace(self, **changes)

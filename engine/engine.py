@@ -15,7 +15,8 @@ from engine.config import EngineConfig, ModelSpec
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequest
 from engine.model_runner import ModelRunner
-from engine.request import FinishReason, Request, RequestOutput, SamplingParams, StoppingParams, TokenLogprob, Usage
+from engine.request import (FinishReason, KVMode, KVPolicy, Request, RequestOutput, SamplingParams, StoppingParams,
+                            TokenLogprob, Usage)
 from engine.sampler import SamplerState, new_state, sample
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
@@ -60,7 +61,8 @@ class LLMEngine:
         """Forward pass and sampling; on any exception the step's requests are aborted and StepFailed raised."""
         self._mark_scheduled(output.scheduled)
         try:
-            batch, logits = self.runner.execute(output)
+            batch, logits = self.runner.execute(output, [self.scheduler.requests[s.request_id].kv
+                                                         for s in output.scheduled])
             requests = [self.scheduler.requests[rid] for rid in batch.sample_ids]
             tokens, logprobs = sample(logits, requests, [r.extra.sampler for r in requests])
             return requests, tokens, logprobs
@@ -88,14 +90,25 @@ class LLMEngine:
     def default_max_new_tokens(self, prompt_len: int) -> int:
         return max(1, min(self.config.max_new_tokens_default, self.spec.max_model_len - prompt_len))
 
+    def kv_policy(self, mode: KVMode | None, tolerance: float | None) -> KVPolicy:
+        """A request's KV policy: its own choices, else the server's (--kv-mode, --tolerance)."""
+        server_mode = KVMode(self.config.kv_mode)
+        mode = mode or server_mode
+        if server_mode is KVMode.DENSE and mode is not KVMode.DENSE:
+            raise InvalidRequest("kv.mode", f"{mode.name} needs the tiered cache; this server runs --kv-mode dense")
+        if mode is KVMode.EXACT:
+            return KVPolicy(mode, 0.0)
+        return KVPolicy(mode, self.config.tolerance if tolerance is None else tolerance)
+
     def new_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
-                    stopping: StoppingParams) -> Request:
+                    stopping: StoppingParams, kv: KVPolicy | None = None) -> Request:
         self.validate(prompt_ids, stopping)
+        kv = kv or self.kv_policy(None, None)
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
         state = RequestState(new_state(seed, self.runner.device),
                              IncrementalDetokenizer(self.tokenizer, prompt_ids, stopping.stop))
         return Request(request_id, list(prompt_ids), sampling, stopping, eos_token_ids=self.spec.eos_token_ids,
-                       extra=state)
+                       kv=kv, extra=state)
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add(request)
@@ -103,8 +116,13 @@ class LLMEngine:
     def abort(self, request_id: str) -> bool:
         """Ends a request without output (cancel, deadline, drain); frees everything it holds."""
         request = self.scheduler.finish(request_id, FinishReason.ABORTED)
-        self.runner.cache.release(request_id)
+        self._release(request_id)
         return request is not None
+
+    def _release(self, request_id: str):
+        """Frees the request's per-sequence cache state; returns its certificate aggregates (tiered cache)."""
+        self.runner.cache.release(request_id)
+        return self.runner.cache.pop_stats(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -126,7 +144,7 @@ class LLMEngine:
             self.scheduler.finish(request.request_id, FinishReason.STOP_SEQUENCE)
         if not request.finished:
             return RequestOutput(request.request_id, (token,), detokenizer.take(), (logprob,) if logprob else ())
-        self.runner.cache.release(request.request_id)
+        certificate = self._release(request.request_id)
         usage = Usage(
             prompt_tokens=request.num_prompt_tokens, completion_tokens=request.num_output_tokens,
             time_to_first_token_s=request.first_token_time - request.arrival_time,
@@ -134,4 +152,5 @@ class LLMEngine:
             queue_time_s=(request.first_scheduled_time or now) - request.arrival_time,
             preemptions=request.num_preemptions)
         return RequestOutput(request.request_id, (token,), detokenizer.take(final=True),
-                             (logprob,) if logprob else (), request.finish_reason, usage, request.extra.sampler.seed)
+                             (logprob,) if logprob else (), request.finish_reason, usage, request.extra.sampler.seed,
+                             certificate)

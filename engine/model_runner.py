@@ -12,6 +12,9 @@ from engine.attention import ATTN_IMPLEMENTATION, register
 from engine.batch import ForwardBatch, build_forward_batch
 from engine.config import EngineConfig, ModelSpec
 from engine.kv.paged import PagedKVCache
+from engine.kv.quantizers import make_quantizer
+from engine.kv.tiers import TieredKVCache
+from engine.request import KVPolicy
 from engine.scheduler import SchedulerOutput
 from engine.weights import resolve_model
 
@@ -76,8 +79,7 @@ class ModelRunner:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, attn_implementation=ATTN_IMPLEMENTATION)
         self.model = model.to(self.device).eval()
         self.spec = self._build_spec(config, str(path))
-        self.cache = PagedKVCache(self.spec.num_layers, self.spec.num_kv_blocks, config.block_size,
-                                  self.spec.num_kv_heads, self.spec.head_dim, self.dtype, self.device)
+        self.cache = self._build_cache(config)
         log.info("loaded %s (%s, %s on %s): %d KV blocks of %d tokens", path, self.spec.architecture, self.dtype,
                  self.device, self.spec.num_kv_blocks, config.block_size)
 
@@ -90,10 +92,9 @@ class ModelRunner:
         limit = context_limit(hf)
         if config.max_model_len and config.max_model_len > limit:
             raise ValueError(f"EngineConfig.max_model_len: {config.max_model_len} exceeds the model's context {limit}")
-        per_block = PagedKVCache.bytes_per_block(hf.num_hidden_layers, config.block_size, kv_heads, head_dim, self.dtype)
-        blocks = config.num_kv_blocks or config.kv_cache_memory // per_block
+        blocks = config.num_kv_blocks or self._blocks_for_budget(config, hf.num_hidden_layers, kv_heads, head_dim)
         if blocks < 1:
-            raise ValueError(f"EngineConfig.kv_cache_memory: less than one KV block ({per_block} bytes)")
+            raise ValueError("EngineConfig.kv_cache_memory: the budget holds less than one KV block")
         return ModelSpec(
             model_id=model_id, architecture=type(self.model).__name__, num_layers=hf.num_hidden_layers,
             num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=hf.vocab_size,
@@ -103,10 +104,29 @@ class ModelRunner:
             has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
         )
 
+    def _blocks_for_budget(self, config: EngineConfig, layers: int, kv_heads: int, head_dim: int) -> int:
+        dense = PagedKVCache.bytes_per_block(layers, config.block_size, kv_heads, head_dim, self.dtype)
+        if not config.tiered:
+            return config.kv_cache_memory // dense
+        quantizer = make_quantizer(config.quantizer, config.k_bits, config.v_bits)
+        tier1 = layers * kv_heads * config.block_size * TieredKVCache.tier1_bytes(quantizer, head_dim, config.block_size)
+        return int(min(config.kv_cache_memory // tier1, config.shadow_memory // dense))
+
+    def _build_cache(self, config: EngineConfig):
+        spec = self.spec
+        if not config.tiered:
+            return PagedKVCache(spec.num_layers, spec.num_kv_blocks, config.block_size, spec.num_kv_heads,
+                                spec.head_dim, self.dtype, self.device)
+        if spec.head_dim % 16:
+            raise ValueError(f"model: head_dim {spec.head_dim} is not a multiple of 16 (value groups)")
+        return TieredKVCache(spec.num_layers, spec.num_kv_blocks, config.block_size, spec.num_kv_heads, spec.head_dim,
+                             self.dtype, self.device, make_quantizer(config.quantizer, config.k_bits, config.v_bits),
+                             config.max_num_seqs, config.scratch_blocks)
+
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput) -> tuple[ForwardBatch, torch.Tensor]:
+    def execute(self, output: SchedulerOutput, kv: list[KVPolicy]) -> tuple[ForwardBatch, torch.Tensor]:
         """Runs the scheduled tokens; returns the batch and the float32 logits [S, vocab] of its sampled rows."""
-        batch = build_forward_batch(output, self.spec.block_size, self.device)
+        batch = build_forward_batch(output, self.spec.block_size, self.device, kv)
         self.cache.prepare(batch)
         result = self.model(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
                             logits_to_keep=batch.logits_indices, use_cache=False, forward_batch=batch,

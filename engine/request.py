@@ -25,6 +25,28 @@ class FinishReason(enum.Enum):
     ABORTED = "aborted"  # cancelled, deadline passed, or server drained; never streamed to the client
 
 
+class KVMode(enum.Enum):
+    DENSE = "dense"  # full precision: the baseline
+    QUANTIZED = "quantized"  # tier 1 only, no certificate: the naive baseline
+    CERTIFIED = "certified"  # quantized attention accepted within tolerance, escalated otherwise
+    EXACT = "exact"  # tolerance 0: the dense result, computed from the shadows
+    AUDIT = "audit"  # certified, and the reference computed alongside to count violations
+
+
+@dataclass(frozen=True, slots=True)
+class KVPolicy:
+    mode: KVMode = KVMode.DENSE
+    tolerance: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(_finite(self.tolerance) and self.tolerance >= 0, "kv.tolerance", f"must be >= 0, got {self.tolerance}")
+
+    @property
+    def quantized(self) -> bool:
+        """Attention reads tier 1 (the quantized blocks)."""
+        return self.mode in (KVMode.QUANTIZED, KVMode.CERTIFIED, KVMode.AUDIT)
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -94,6 +116,7 @@ class Request:
     sampling: SamplingParams
     stopping: StoppingParams
     eos_token_ids: tuple[int, ...] = ()
+    kv: KVPolicy = field(default_factory=KVPolicy)
     arrival_time: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(default_factory=list)  # prompt + output, grows by one per sampled token
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
@@ -169,6 +192,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     seed: int | None = None
+    certificate: Any = None  # engine.kv.stats.CertificateSummary on the last output of a tiered engine
 
     @property
     def finished(self) -> bool:

@@ -6,8 +6,13 @@ D head dim, L context length, blocks of `block_size` tokens.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from engine.kv.certificate import gamma
+from engine.kv.quantizers import Codes
 
 
 def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, length: int | None = None) -> torch.Tensor:
@@ -24,8 +29,8 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale):
     Returns [Bd, H, D]. GQA: query head h reads KV head h // G.
     """
     longest = int(context_lens.max())
-    keys = gather_blocks(k_cache, block_tables)[:, :longest].transpose(1, 2)  # [Bd, Hkv, L, D]
-    values = gather_blocks(v_cache, block_tables)[:, :longest].transpose(1, 2)
+    keys = gather_blocks(k_cache, block_tables)[:, :longest].transpose(1, 2).to(q.dtype)  # [Bd, Hkv, L, D]
+    values = gather_blocks(v_cache, block_tables)[:, :longest].transpose(1, 2).to(q.dtype)
     mask = None
     if int(context_lens.min()) != longest:
         mask = (torch.arange(longest, device=q.device)[None, :] < context_lens[:, None])[:, None, None, :]
@@ -66,3 +71,104 @@ def paged_attention(q, k_cache, v_cache, batch, scale):
         out[lo:hi] = prefill_attention(
             q[lo:hi], gather_blocks(k_cache, table, length), gather_blocks(v_cache, table, length), scale)
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizedLayer:
+    """Tier 1 of one layer (device). NB blocks, Hkv KV heads, bs tokens a block, D channels, S sequence slots,
+    C scratch slots. Codes and metadata as engine.kv.quantizers stores them."""
+
+    k_codes: torch.Tensor  # [NB, Hkv, bs, D * k_bits / 8] uint8
+    k_scale: torch.Tensor  # [NB, Hkv, D] float16 (per block and channel)
+    k_zero: torch.Tensor  # [NB, Hkv, D] float16
+    v_codes: torch.Tensor  # [NB, Hkv, bs, D * v_bits / 8] uint8
+    v_scale: torch.Tensor  # [NB, Hkv, bs, D / 16] float16 (per token and 16-channel group)
+    v_zero: torch.Tensor  # [NB, Hkv, bs, D / 16] float16
+    eps: torch.Tensor  # [NB, Hkv] float32: max_j ||k_j - k^_j|| in the block (inf: broken metadata)
+    eta: torch.Tensor  # [NB, Hkv] float32: max_j ||v_j - v^_j||
+    tail_k: torch.Tensor  # [S, bs, Hkv, D] model dtype: each sequence's trailing partial block, exact
+    tail_v: torch.Tensor  # [S, bs, Hkv, D]
+    scratch_k: torch.Tensor  # [C, bs, D] model dtype: promoted exact key blocks (one KV head each)
+    scratch_v: torch.Tensor  # [C, bs, D]
+    k_slot: torch.Tensor  # [NB, Hkv] int64: scratch slot holding the block's exact keys, -1 if none
+    v_slot: torch.Tensor  # [NB, Hkv] int64
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeView:
+    """The decoding sequences of one step, shared by all layers."""
+
+    block_tables: torch.Tensor  # [Bd, nb] int64: the full (quantized) blocks of each sequence, padded with 0
+    num_full: torch.Tensor  # [Bd] int64: full blocks of each sequence (context // bs)
+    tail_lens: torch.Tensor  # [Bd] int64: tokens in the partial block (context % bs)
+    slots: torch.Tensor  # [Bd] int64: sequence slots (tail buffers)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeResult:
+    """Output and the certificate's accumulators. Blocks: the nb full ones, then the partial one (index nb)."""
+
+    out: torch.Tensor  # [Bd, Hkv, G, D] float32: O = sum_j p^_j v^_j
+    probs: torch.Tensor  # [Bd, Hkv, G, nb + 1, bs] float32: p^ (0 on padding)
+    rho: torch.Tensor  # [Bd, Hkv, G, nb + 1]: block masses
+    e_val: torch.Tensor  # [Bd, Hkv, G]: sum_b rho_b eta_b over blocks whose values are quantized
+    delta_t: torch.Tensor  # [Bd, Hkv, G]: tau ||q|| max eps_b over the tail T (quantized keys)
+    alpha_t: torch.Tensor  # [Bd, Hkv, G]: mass of T
+    score_error: torch.Tensor  # [Bd, Hkv, G]: gamma_D tau ||q|| max_j ||k^_j||, the float32 score error bound
+    value_scale: torch.Tensor  # [Bd, Hkv]: max_j ||v^_j||
+    broken: torch.Tensor  # [Bd, Hkv] bool: a tail block's annotations are not finite (rung 4)
+    length: int  # tokens attended per row, padding included (for gamma_L)
+
+
+def certified_decode(q, layer: QuantizedLayer, view: DecodeView, scale: float, quantizer) -> DecodeResult:
+    """Certified paged decode attention: dequantized keys/values per block, exact partial and promoted blocks,
+    softmax in float32, and the accumulators of DESIGN.md section 3. q [Bd, H, D] -> DecodeResult."""
+    batch, heads, dim = q.shape
+    kv_heads, bs = layer.eps.shape[1], layer.tail_k.shape[1]
+    tables, nb = view.block_tables, view.block_tables.shape[1]
+    keys = _blocks(quantizer.dequantize_keys(Codes(layer.k_codes[tables], layer.k_scale[tables],
+                                                   layer.k_zero[tables])), layer.scratch_k, layer.k_slot[tables])
+    values = _blocks(quantizer.dequantize_values(Codes(layer.v_codes[tables], layer.v_scale[tables],
+                                                       layer.v_zero[tables])), layer.scratch_v, layer.v_slot[tables])
+    tail_k = layer.tail_k[view.slots].float().permute(0, 2, 1, 3).unsqueeze(2)  # [Bd, Hkv, 1, bs, D]
+    tail_v = layer.tail_v[view.slots].float().permute(0, 2, 1, 3).unsqueeze(2)
+    keys = torch.cat([keys, tail_k], dim=2).flatten(2, 3)  # [Bd, Hkv, (nb + 1) * bs, D]
+    values = torch.cat([values, tail_v], dim=2).flatten(2, 3)
+    block = torch.arange(nb + 1, device=q.device)
+    full = block[None, :] < view.num_full[:, None]  # [Bd, nb + 1]
+    valid = full[:, :, None] | ((block[None, :, None] == nb) & (torch.arange(bs, device=q.device)[None, None, :]
+                                                                 < view.tail_lens[:, None, None]))
+    valid = valid.flatten(1)[:, None, None, :]  # [Bd, 1, 1, L]
+    grouped = q.float().view(batch, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)) * scale
+    probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
+    out = torch.matmul(probs, values)
+    probs = probs.view(*probs.shape[:3], nb + 1, bs)
+    rho = probs.sum(dim=-1)
+    in_tail = full[:, None, :nb] & (layer.k_slot[tables] < 0).transpose(1, 2)  # [Bd, Hkv, nb]
+    value_quant = full[:, None, :nb] & (layer.v_slot[tables] < 0).transpose(1, 2)
+    eps = layer.eps[tables].transpose(1, 2)  # [Bd, Hkv, nb]
+    eta = torch.where(value_quant, layer.eta[tables].transpose(1, 2), 0.0)
+    tail_eps = torch.where(in_tail, eps, 0.0)
+    eps_t = tail_eps.amax(dim=-1) if nb else tail_eps.new_zeros(batch, kv_heads)  # [Bd, Hkv]
+    q_norm = grouped.norm(dim=-1)
+    k_norm = torch.where(valid[:, 0, 0, None, :], keys.norm(dim=-1), 0.0).amax(dim=-1)  # [Bd, Hkv]
+    v_norm = torch.where(valid[:, 0, 0, None, :], values.norm(dim=-1), 0.0).amax(dim=-1)
+    return DecodeResult(
+        out=out, probs=probs, rho=rho,
+        e_val=(rho[..., :nb] * eta[:, :, None, :]).sum(dim=-1),
+        delta_t=scale * q_norm * eps_t[..., None],
+        alpha_t=(rho[..., :nb] * in_tail[:, :, None, :]).sum(dim=-1),
+        score_error=gamma(dim) * scale * q_norm * k_norm[..., None],
+        value_scale=v_norm,
+        broken=~(torch.isfinite(tail_eps) & torch.isfinite(eta)).all(dim=-1),
+        length=(nb + 1) * bs,
+    )
+
+
+def _blocks(dequantized, scratch, slots):
+    """[Bd, nb, Hkv, bs, D] dequantized blocks with promoted ones replaced from the scratch -> [Bd, Hkv, nb, bs, D]."""
+    promoted = slots >= 0
+    if bool(promoted.any()):
+        dequantized[promoted] = scratch[slots[promoted]].float()
+    return dequantized.transpose(1, 2)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import grpc
 
-from engine.config import ModelSpec
+from engine.config import EngineConfig, ModelSpec
 from engine.errors import CapacityExceeded, DataLoss, EngineError, EngineUnavailable, InvalidRequest, RequestFailed
-from engine.request import FinishReason, RequestOutput, SamplingParams, StoppingParams
+from engine.kv.stats import CertificateStats
+from engine.request import FinishReason, KVMode, RequestOutput, SamplingParams, StoppingParams
 from server.pb.certkv.v1 import inference_pb2 as pb
 
 MAX_REQUEST_ID_CHARS = 128
@@ -76,13 +77,32 @@ def chat_messages(message: pb.ChatMessages) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in message.messages]
 
 
-def kv_mode(message: pb.GenerateRequest) -> int:
+_MODES = {pb.DENSE: KVMode.DENSE, pb.QUANTIZED: KVMode.QUANTIZED, pb.CERTIFIED: KVMode.CERTIFIED,
+          pb.EXACT: KVMode.EXACT, pb.AUDIT: KVMode.AUDIT}
+_MODE_NAMES = {mode: number for number, mode in _MODES.items()}
+
+
+def kv_choice(message: pb.GenerateRequest) -> tuple[KVMode | None, float | None]:
+    """The request's mode and tolerance, None where it leaves the server's default."""
     mode = message.kv.mode
-    if mode not in pb.KVMode.values():
+    if mode != pb.KV_MODE_UNSPECIFIED and mode not in _MODES:
         raise InvalidRequest("kv.mode", f"unknown mode {mode}")
-    if message.kv.HasField("tolerance") and not message.kv.tolerance >= 0:
-        raise InvalidRequest("kv.tolerance", "must be >= 0")
-    return mode
+    tolerance = message.kv.tolerance if message.kv.HasField("tolerance") else None
+    if tolerance is not None and not tolerance >= 0:
+        raise InvalidRequest("kv.tolerance", f"must be >= 0, got {tolerance}")
+    return _MODES.get(mode), tolerance
+
+
+def certificate(stats: CertificateStats | None) -> pb.Certificate:
+    if stats is None:
+        return pb.Certificate(mode=pb.DENSE)
+    return pb.Certificate(
+        mode=_MODE_NAMES[stats.mode], tolerance=stats.tolerance, attention_evaluations=stats.evaluations,
+        certified_rung0=stats.rungs[0], rung1_values=stats.rungs[1], rung2_keys=stats.rungs[2],
+        rung3_exact_head=stats.rungs[3], rung4_exact_layer=stats.rungs[4], max_bound=stats.max_bound,
+        max_bound_over_tolerance=stats.max_bound_over_tolerance, audit_violations=stats.audit_violations,
+        worst_actual_over_bound=stats.worst_actual_over_bound, transfer_bytes=stats.transfer_bytes,
+        transfer_seconds=stats.transfer_seconds)
 
 
 def response(out: RequestOutput, request_id: str) -> pb.GenerateResponse:
@@ -97,14 +117,16 @@ def response(out: RequestOutput, request_id: str) -> pb.GenerateResponse:
                                     time_to_first_token_s=u.time_to_first_token_s, total_time_s=u.total_time_s,
                                     queue_time_s=u.queue_time_s, preemptions=u.preemptions))
         msg.seed = out.seed
-        msg.certificate.mode = pb.DENSE
+        msg.certificate.CopyFrom(certificate(out.certificate))
     return msg
 
 
-def model_info(spec: ModelSpec, max_new_default: int) -> pb.ModelInfo:
+def model_info(spec: ModelSpec, config: EngineConfig) -> pb.ModelInfo:
     return pb.ModelInfo(
         model_id=spec.model_id, architecture=spec.architecture, max_context_length=spec.max_model_len,
         vocab_size=spec.vocab_size, eos_token_ids=spec.eos_token_ids, dtype=spec.dtype, device=spec.device,
-        default_kv_mode=pb.DENSE, block_size=spec.block_size, num_kv_blocks=spec.num_kv_blocks,
+        default_kv_mode=_MODE_NAMES[KVMode(config.kv_mode)], default_tolerance=config.tolerance,
+        block_size=spec.block_size, num_kv_blocks=spec.num_kv_blocks,
         num_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
-        head_dim=spec.head_dim, has_chat_template=spec.has_chat_template, max_new_tokens_default=max_new_default)
+        head_dim=spec.head_dim, has_chat_template=spec.has_chat_template,
+        max_new_tokens_default=config.max_new_tokens_default)

@@ -76,7 +76,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
             engine = self._ready().engine
-            return convert.model_info(engine.spec, engine.config.max_new_tokens_default)
+            return convert.model_info(engine.spec, engine.config)
         except EngineError as exc:
             await _abort(context, exc)
 
@@ -86,11 +86,12 @@ class InferenceService(pb_grpc.InferenceServicer):
         return self.engine
 
     async def _prepare(self, message: pb.GenerateRequest, engine: AsyncEngine) -> Request:
+        llm = engine.engine
         sampling = convert.sampling_params(message)
-        convert.kv_mode(message)
+        kv = llm.kv_policy(*convert.kv_choice(message))
         prompt_ids = await self._prompt_ids(message)
-        stopping = convert.stopping_params(message, engine.engine.default_max_new_tokens(len(prompt_ids)))
-        return engine.engine.new_request(uuid.uuid4().hex, prompt_ids, sampling, stopping)
+        stopping = convert.stopping_params(message, llm.default_max_new_tokens(len(prompt_ids)))
+        return llm.new_request(uuid.uuid4().hex, prompt_ids, sampling, stopping, kv)
 
     async def _prompt_ids(self, message: pb.GenerateRequest) -> list[int]:
         which = message.WhichOneof("input")

@@ -13,7 +13,7 @@ from engine.request import SamplingParams, StoppingParams
 
 
 def make_engine(model: Path, **overrides) -> LLMEngine:
-    defaults = dict(model=str(model), num_kv_blocks=256, max_num_batched_tokens=512)
+    defaults = dict(model=str(model), num_kv_blocks=256, max_num_batched_tokens=512, kv_mode="dense")
     return LLMEngine(EngineConfig(**(defaults | overrides)))
 
 

@@ -21,9 +21,9 @@ def slow_down(engine: LLMEngine, seconds: float) -> None:
     """Test hook: every forward pass takes at least `seconds` (deadline and cancel tests need steps to be slow)."""
     execute = engine.runner.execute
 
-    def slowed(output):
+    def slowed(*args):
         time.sleep(seconds)
-        return execute(output)
+        return execute(*args)
 
     engine.runner.execute = slowed
 
@@ -31,7 +31,7 @@ def slow_down(engine: LLMEngine, seconds: float) -> None:
 @contextlib.asynccontextmanager
 async def running_server(model: Path, step_delay: float = 0.0, server_overrides: dict | None = None,
                          **engine_overrides):
-    engine_config = EngineConfig(**({"model": str(model), "num_kv_blocks": 128} | engine_overrides))
+    engine_config = EngineConfig(**({"model": str(model), "num_kv_blocks": 128, "kv_mode": "dense"} | engine_overrides))
     engine = await asyncio.to_thread(LLMEngine, engine_config)
     if step_delay:
         slow_down(engine, step_delay)

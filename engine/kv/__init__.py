@@ -1,6 +1,6 @@
 """KV caches behind one seam. A cache owns its tensors per layer and answers, for one layer of one forward pass,
 `forward(layer, q, k, v, batch, scale)`: store this step's K/V and return the attention output. The dense paged
-cache lives in paged.py; the tiered, certified cache plugs in through the same three methods."""
+cache lives in paged.py; the tiered, certified cache (tiers.py) plugs in through the same methods."""
 
 from __future__ import annotations
 
@@ -21,3 +21,6 @@ class KVCache(Protocol):
 
     def release(self, request_id: str) -> None:
         """The request finished or was preempted: drop any per-sequence state (its blocks are freed elsewhere)."""
+
+    def pop_stats(self, request_id: str) -> object | None:
+        """The request's certificate aggregates (engine.kv.stats.CertificateStats), or None for a dense cache."""

@@ -31,3 +31,6 @@ class PagedKVCache:
 
     def release(self, request_id: str) -> None:
         pass
+
+    def pop_stats(self, request_id: str) -> None:
+        return None

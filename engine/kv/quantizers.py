@@ -42,7 +42,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes
     per_byte = 8 // bits
-    grouped = codes.view(*codes.shape[:-1], -1, per_byte).to(torch.int32)
+    grouped = codes.view(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte).to(torch.int32)
     shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.int32)
     return (grouped << shifts).sum(dim=-1).to(torch.uint8)
 
@@ -85,13 +85,13 @@ class MinMaxQuantizer:
 
     def quantize_values(self, v: torch.Tensor) -> Codes:
         v = v.float()
-        grouped = v.view(*v.shape[:-1], -1, VALUE_GROUP)  # [N, Hkv, bs, D / 16, 16]
+        grouped = v.view(*v.shape[:-1], v.shape[-1] // VALUE_GROUP, VALUE_GROUP)  # [N, Hkv, bs, D / 16, 16]
         c = _affine(grouped, grouped.amin(dim=-1, keepdim=True), grouped.amax(dim=-1, keepdim=True), self.v_bits)
         return Codes(c.codes.flatten(-2), c.scale.squeeze(-1), c.zero.squeeze(-1))
 
     def dequantize_values(self, c: Codes) -> torch.Tensor:
         codes = unpack(c.codes, self.v_bits).float()
-        grouped = codes.view(*codes.shape[:-1], -1, VALUE_GROUP)
+        grouped = codes.view(*codes.shape[:-1], codes.shape[-1] // VALUE_GROUP, VALUE_GROUP)
         out = grouped * c.scale.float().unsqueeze(-1) + c.zero.float().unsqueeze(-1)
         return out.flatten(-2)
 

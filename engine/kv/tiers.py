@@ -1,0 +1,327 @@
+"""TieredKVCache: the certified cache behind the KVCache seam (DESIGN.md section 2).
+
+Tier 1 (device) holds, per layer, every full block quantized (engine.kv.quantizers) with its error annotations
+eps_b and eta_b measured at write time, each sequence's trailing partial block exact until it fills (then it is
+quantized at once), and a bounded scratch of promoted exact blocks. Tier 2 holds every token's K and V exactly as
+the model produced them, in the dense cache's layout, on the host (pinned on CUDA; plain memory on CPU). Per
+sequence and layer, a value centre c (the mean of the first chunk's values) and the radius R = max ||v_j - c|| over
+every token written.
+
+Attention by request mode: prefill chunks and dense/exact decodes read tier 2 through the dense functions (so
+exact mode is bit for bit the dense result); quantized/certified/audit decodes run certified_decode on tier 1, and
+certified/audit ones climb the ladder (engine.kv.escalation) when the bound exceeds the tolerance.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from engine.batch import ForwardBatch
+from engine.kv.escalation import Ladder
+from engine.kv.quantizers import Quantizer, error_norms
+from engine.kv.stats import CertificateStats, EscalationRecord
+from engine.request import KVMode
+from kernels import certified_decode, decode_attention, prefill_attention
+from kernels.reference import DecodeView, QuantizedLayer, gather_blocks
+
+
+@dataclass(frozen=True, slots=True)
+class WritePlan:
+    """Where this step's new tokens go in tier 1, for every layer. Rows index the step's T new tokens."""
+
+    tail_dst: torch.Tensor  # [A] flat tail slot (slot * bs + offset) of tokens in their sequence's first touched block
+    tail_src: torch.Tensor  # [A] their rows
+    tail_blocks: torch.Tensor  # [n1] blocks completed in the tail buffer this step (quantized from the tail)
+    tail_block_slots: torch.Tensor  # [n1] the sequence slot holding each of them
+    new_blocks: torch.Tensor  # [n2] blocks made entirely of this step's tokens
+    new_block_rows: torch.Tensor  # [n2, bs] their rows
+    late_dst: torch.Tensor  # [C] tail positions of tokens in a partial last block other than the first touched one
+    late_src: torch.Tensor  # [C]
+    row_slots: torch.Tensor  # [T] sequence slot of each new token
+    fresh_rows: torch.Tensor  # [T] bool: the token belongs to a sequence written from position 0 this step
+    fresh_slots: torch.Tensor  # [F] slots of those sequences (centre and radius start over)
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    write: WritePlan
+    exact_seqs: torch.Tensor  # [Be] decode sequences (index into B) attended from tier 2 (dense, exact modes)
+    exact_rows: torch.Tensor  # [Be] their rows
+    exact_ids: list[str]  # their requests in exact mode (counted in certificates)
+    quant_seqs: list[int]  # decode sequences attended from tier 1
+    quant_rows: torch.Tensor  # [Bd]
+    view: DecodeView | None
+    request_ids: list[str]  # [Bd]
+    modes: list[KVMode]  # [Bd]
+    tolerance: torch.Tensor  # [Bd] float32
+
+
+class Scratch:
+    """Promoted exact blocks of one layer on the device: one (block, KV head) piece per slot, keys and values
+    apart, least recently used out. k_slot/v_slot map a block and head to its slot (-1: not promoted)."""
+
+    def __init__(self, capacity: int, num_blocks: int, kv_heads: int, block_size: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.capacity = capacity
+        self.data = {kind: torch.zeros(capacity, block_size, head_dim, dtype=dtype, device=device) for kind in "kv"}
+        self.slot = {kind: torch.full((num_blocks, kv_heads), -1, dtype=torch.int64, device=device) for kind in "kv"}
+        self.lru: dict[str, OrderedDict[tuple[int, int], int]] = {kind: OrderedDict() for kind in "kv"}
+        self.free = {kind: list(range(capacity - 1, -1, -1)) for kind in "kv"}
+
+    def put(self, kind: str, blocks: list[int], head: int, data: torch.Tensor) -> None:
+        """Stores exact blocks [n, bs, D] for (blocks, head); the least recently used pieces make room."""
+        lru, slots = self.lru[kind], []
+        for block in blocks:
+            if (block, head) in lru:
+                lru.move_to_end((block, head))
+                slots.append(lru[(block, head)])
+                continue
+            if not self.free[kind]:
+                (old_block, old_head), old = lru.popitem(last=False)
+                self.slot[kind][old_block, old_head] = -1
+                self.free[kind].append(old)
+            slot = self.free[kind].pop()
+            lru[(block, head)] = slot
+            self.slot[kind][block, head] = slot
+            slots.append(slot)
+        index = torch.tensor(slots, device=self.data[kind].device)
+        self.data[kind][index] = data.to(self.data[kind].dtype)
+
+    def invalidate(self, blocks: torch.Tensor) -> None:
+        """Blocks re-quantized for a new owner: their promoted pieces are stale."""
+        for kind in "kv":
+            stale = self.slot[kind][blocks]
+            if bool((stale >= 0).any()):
+                for block, head in (stale >= 0).nonzero().tolist():
+                    block = int(blocks[block])
+                    self.free[kind].append(self.lru[kind].pop((block, head)))
+                    self.slot[kind][block, head] = -1
+
+    def used(self) -> int:
+        return sum(len(lru) for lru in self.lru.values())
+
+
+class TieredKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, quantizer: Quantizer, max_seqs: int, scratch_blocks: int):
+        self.quantizer = quantizer
+        self.block_size, self.kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
+        self.num_blocks, self.dtype, self.device = num_blocks, dtype, device
+        self.shadow_device = torch.device("cpu")
+        pin = device.type == "cuda"
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.shadow_k = [torch.zeros(shape, dtype=dtype, pin_memory=pin) for _ in range(num_layers)]
+        self.shadow_v = [torch.zeros(shape, dtype=dtype, pin_memory=pin) for _ in range(num_layers)]
+        self.scratch = [Scratch(scratch_blocks, num_blocks, num_kv_heads, block_size, head_dim, dtype, device)
+                        for _ in range(num_layers)]
+        self.layers = [self._tier1(i, max_seqs) for i in range(num_layers)]
+        self.centre = [torch.zeros(max_seqs, num_kv_heads, head_dim, device=device) for _ in range(num_layers)]
+        self.radius = [torch.zeros(max_seqs, num_kv_heads, device=device) for _ in range(num_layers)]
+        self.slots: dict[str, int] = {}
+        self._free_slots = list(range(max_seqs - 1, -1, -1))
+        self.stats: dict[str, CertificateStats] = {}
+        self.records: list[EscalationRecord] = []
+        self.ladder = Ladder(self)
+
+    def _tier1(self, layer: int, max_seqs: int) -> QuantizedLayer:
+        nb, h, bs, d = self.num_blocks, self.kv_heads, self.block_size, self.head_dim
+        q, dev, scratch = self.quantizer, self.device, self.scratch[layer]
+
+        def zeros(*shape, dtype=torch.float16):
+            return torch.zeros(shape, dtype=dtype, device=dev)
+
+        return QuantizedLayer(
+            k_codes=zeros(nb, h, bs, d * q.k_bits // 8, dtype=torch.uint8), k_scale=zeros(nb, h, d),
+            k_zero=zeros(nb, h, d), v_codes=zeros(nb, h, bs, d * q.v_bits // 8, dtype=torch.uint8),
+            v_scale=zeros(nb, h, bs, d // 16), v_zero=zeros(nb, h, bs, d // 16),
+            eps=zeros(nb, h, dtype=torch.float32), eta=zeros(nb, h, dtype=torch.float32),
+            tail_k=zeros(max_seqs, bs, h, d, dtype=self.dtype), tail_v=zeros(max_seqs, bs, h, d, dtype=self.dtype),
+            scratch_k=scratch.data["k"], scratch_v=scratch.data["v"], k_slot=scratch.slot["k"],
+            v_slot=scratch.slot["v"])
+
+    # ---- accounting -------------------------------------------------------------------------------------------
+    @staticmethod
+    def tier1_bytes(quantizer: Quantizer, head_dim: int, block_size: int) -> float:
+        """Per token per KV head per layer: codes, metadata, annotations and scratch lookups (not the fixed-size
+        tail buffers and scratch)."""
+        per_block = 2 * 4 + 2 * 8  # eps and eta (float32), k_slot and v_slot (int64)
+        return quantizer.bytes_per_token(head_dim, block_size) + per_block / block_size
+
+    def tier1_bytes_per_token(self) -> float:
+        return self.tier1_bytes(self.quantizer, self.head_dim, self.block_size)
+
+    def tier2_bytes_per_token(self) -> float:
+        return 2 * self.head_dim * self.dtype.itemsize
+
+    def register(self, request_id: str, mode: KVMode, tolerance: float) -> None:
+        self.stats.setdefault(request_id, CertificateStats(mode, tolerance))
+
+    def pop_stats(self, request_id: str) -> CertificateStats | None:
+        return self.stats.pop(request_id, None)
+
+    def drain_records(self) -> list[EscalationRecord]:
+        records, self.records = self.records, []
+        return records
+
+    def release(self, request_id: str) -> None:
+        slot = self.slots.pop(request_id, None)
+        if slot is not None:
+            self._free_slots.append(slot)
+
+    # ---- the KVCache seam ---------------------------------------------------------------------------------------
+    def prepare(self, batch: ForwardBatch) -> None:
+        for rid, kv in zip(batch.request_ids, batch.kv):
+            if rid not in self.slots:
+                self.slots[rid] = self._free_slots.pop()
+            self.register(rid, kv.mode, kv.tolerance)
+        batch.cache_meta = StepPlan(write=self._write_plan(batch), **self._decode_plan(batch))
+
+    def forward(self, layer, q, k, v, batch, scale):
+        plan: StepPlan = batch.cache_meta
+        self._write(layer, k, v, batch.slot_mapping, plan.write)
+        out = torch.empty_like(q)
+        for seq in batch.prefill_seqs:  # prefill chunks are exact: the dense computation on the shadows
+            lo, hi = batch.query_starts[seq], batch.query_starts[seq + 1]
+            length = batch.starts[seq] + hi - lo
+            table = batch.block_tables[seq].to(self.shadow_device)
+            keys = gather_blocks(self.shadow_k[layer], table, length).to(q.device)
+            values = gather_blocks(self.shadow_v[layer], table, length).to(q.device)
+            out[lo:hi] = prefill_attention(q[lo:hi], keys, values, scale)
+        if plan.exact_rows.numel():
+            seqs = plan.exact_seqs
+            out[plan.exact_rows] = self.exact_decode(layer, q[plan.exact_rows], batch.block_tables[seqs],
+                                                     batch.context_lens[seqs], scale)
+            for rid in plan.exact_ids:
+                self.stats[rid].evaluations += q.shape[1]
+                self.stats[rid].rungs[3] += q.shape[1]
+        if plan.view is not None:
+            out[plan.quant_rows] = self._quantized_decode(layer, q[plan.quant_rows], plan, batch, scale)
+        return out
+
+    def exact_decode(self, layer, q, tables, lens, scale):
+        """Dense decode attention from the shadows (what dense mode computes, bit for bit on the same device)."""
+        keys, values = self.shadow_k[layer], self.shadow_v[layer]
+        if keys.device != q.device:  # fetch the sequences' blocks; the same computation on the copied blocks
+            host = tables.to(self.shadow_device)
+            keys, values = (x[host].flatten(0, 1).to(q.device, non_blocking=True) for x in (keys, values))
+            tables = torch.arange(host.numel(), device=q.device).view(host.shape)
+        return decode_attention(q, keys, values, tables, lens, scale)
+
+    def _quantized_decode(self, layer, q, plan: StepPlan, batch, scale):
+        result = certified_decode(q, self.layers[layer], plan.view, scale, self.quantizer)
+        out = self.ladder.run(layer, q, result, plan, batch, scale)
+        return out.flatten(1, 2).to(q.dtype)
+
+    # ---- writes -------------------------------------------------------------------------------------------------
+    def _write(self, layer, k, v, slot_mapping, plan: WritePlan) -> None:
+        for shadow, new in ((self.shadow_k[layer], k), (self.shadow_v[layer], v)):
+            shadow.view(-1, *new.shape[1:]).index_copy_(0, slot_mapping.to(shadow.device), new.to(shadow.device))
+        tier1 = self.layers[layer]
+        tails = [tier1.tail_k.view(-1, *k.shape[1:]), tier1.tail_v.view(-1, *v.shape[1:])]
+        for tail, new in zip(tails, (k, v)):
+            tail.index_copy_(0, plan.tail_dst, new[plan.tail_src])
+        if plan.tail_blocks.numel() or plan.new_blocks.numel():
+            blocks = torch.cat([plan.tail_blocks, plan.new_blocks])
+            full_k = torch.cat([tier1.tail_k[plan.tail_block_slots], k[plan.new_block_rows]]).transpose(1, 2)
+            full_v = torch.cat([tier1.tail_v[plan.tail_block_slots], v[plan.new_block_rows]]).transpose(1, 2)
+            self._quantize(layer, blocks, full_k, full_v)
+        for tail, new in zip(tails, (k, v)):
+            tail.index_copy_(0, plan.late_dst, new[plan.late_src])
+        self._update_spread(layer, v, plan)
+
+    def _quantize(self, layer: int, blocks: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys, values [N, Hkv, bs, D] exact -> codes, metadata and measured error norms of `blocks`."""
+        tier1, q = self.layers[layer], self.quantizer
+        k_codes, v_codes = q.quantize_keys(keys), q.quantize_values(values)
+        tier1.k_codes[blocks], tier1.k_scale[blocks], tier1.k_zero[blocks] = k_codes.codes, k_codes.scale, k_codes.zero
+        tier1.v_codes[blocks], tier1.v_scale[blocks], tier1.v_zero[blocks] = v_codes.codes, v_codes.scale, v_codes.zero
+        tier1.eps[blocks] = error_norms(keys, q.dequantize_keys(k_codes))
+        tier1.eta[blocks] = error_norms(values, q.dequantize_values(v_codes))
+        self.scratch[layer].invalidate(blocks)
+
+    def _update_spread(self, layer: int, v: torch.Tensor, plan: WritePlan) -> None:
+        """Centre c from a sequence's first chunk; R = max ||v_j - c|| over every token, rounded up."""
+        centre, radius, values = self.centre[layer], self.radius[layer], v.float()
+        if plan.fresh_slots.numel():
+            rows, slots = plan.fresh_rows.nonzero().squeeze(1), plan.row_slots[plan.fresh_rows]
+            sums = torch.zeros_like(centre).index_add_(0, slots, values[rows])
+            counts = torch.zeros(centre.shape[0], device=centre.device).index_add_(
+                0, slots, torch.ones_like(slots, dtype=torch.float32))
+            centre[plan.fresh_slots] = sums[plan.fresh_slots] / counts[plan.fresh_slots, None, None]
+            radius[plan.fresh_slots] = 0.0
+        dist = (values - centre[plan.row_slots]).norm(dim=-1)
+        dist = torch.nextafter(dist * (1 + 2**-20), torch.tensor(float("inf"), device=dist.device))
+        radius.scatter_reduce_(0, plan.row_slots[:, None].expand_as(dist), dist, reduce="amax")
+
+    # ---- planning (once per step) -------------------------------------------------------------------------------
+    def _write_plan(self, batch: ForwardBatch) -> WritePlan:
+        bs = self.block_size
+        lists = {name: [] for name in ("tail_dst", "tail_src", "tail_blocks", "tail_block_slots", "new_blocks",
+                                       "new_block_rows", "late_dst", "late_src", "row_slots", "fresh_rows",
+                                       "fresh_slots")}
+        for seq, rid in enumerate(batch.request_ids):
+            slot, start, row0 = self.slots[rid], batch.starts[seq], batch.query_starts[seq]
+            end, blocks = start + batch.query_len(seq), batch.block_ids[seq]
+            lists["row_slots"] += [slot] * (end - start)
+            lists["fresh_rows"] += [start == 0] * (end - start)
+            if start == 0:
+                lists["fresh_slots"].append(slot)
+            first_end = min(end, (start // bs + 1) * bs)  # tokens of the first touched block go to the tail
+            lists["tail_dst"] += [slot * bs + p % bs for p in range(start, first_end)]
+            lists["tail_src"] += [row0 + p - start for p in range(start, first_end)]
+            if first_end % bs == 0 and first_end <= end:
+                lists["tail_blocks"].append(blocks[start // bs])
+                lists["tail_block_slots"].append(slot)
+            for b0 in range(first_end, end, bs):  # later blocks: whole ones from the new rows, the last maybe partial
+                if b0 + bs <= end:
+                    lists["new_blocks"].append(blocks[b0 // bs])
+                    lists["new_block_rows"].append([row0 + p - start for p in range(b0, b0 + bs)])
+                else:
+                    lists["late_dst"] += [slot * bs + p % bs for p in range(b0, end)]
+                    lists["late_src"] += [row0 + p - start for p in range(b0, end)]
+        device = self.device
+        tensors = {name: torch.tensor(values, dtype=torch.bool if name == "fresh_rows" else torch.int64,
+                                      device=device) for name, values in lists.items()}
+        tensors["new_block_rows"] = tensors["new_block_rows"].view(-1, bs)
+        return WritePlan(**tensors)
+
+    def _decode_plan(self, batch: ForwardBatch) -> dict:
+        bs, device = self.block_size, self.device
+        decode = batch.decode_seqs.tolist()
+        exact = [s for s in decode if not batch.kv[s].quantized]
+        quant = [s for s in decode if batch.kv[s].quantized]
+        rows = [batch.query_starts[s] for s in quant]
+        plan = dict(
+            exact_seqs=torch.tensor(exact, dtype=torch.int64, device=device),
+            exact_rows=torch.tensor([batch.query_starts[s] for s in exact], dtype=torch.int64, device=device),
+            exact_ids=[batch.request_ids[s] for s in exact if batch.kv[s].mode is KVMode.EXACT],
+            quant_seqs=quant, quant_rows=torch.tensor(rows, dtype=torch.int64, device=device), view=None,
+            request_ids=[batch.request_ids[s] for s in quant], modes=[batch.kv[s].mode for s in quant],
+            tolerance=torch.tensor([batch.kv[s].tolerance for s in quant], device=device))
+        if quant:
+            lengths = [batch.starts[s] + 1 for s in quant]
+            full = [n // bs for n in lengths]
+            width = max(full)
+            tables = [batch.block_ids[s][:f] + [0] * (width - f) for s, f in zip(quant, full)]
+            plan["view"] = DecodeView(
+                block_tables=torch.tensor(tables, dtype=torch.int64, device=device).view(len(quant), width),
+                num_full=torch.tensor(full, dtype=torch.int64, device=device),
+                tail_lens=torch.tensor([n % bs for n in lengths], dtype=torch.int64, device=device),
+                slots=torch.tensor([self.slots[batch.request_ids[s]] for s in quant], dtype=torch.int64,
+                                   device=device))
+        return plan
+
+    # ---- tier-2 fetches -----------------------------------------------------------------------------------------
+    def promote(self, layer: int, kind: str, blocks: list[int], head: int) -> tuple[int, float]:
+        """Copies exact blocks of one KV head from tier 2 into the scratch; returns (bytes, seconds)."""
+        if not blocks:
+            return 0, 0.0
+        shadow = self.shadow_k[layer] if kind == "k" else self.shadow_v[layer]
+        start = time.perf_counter()
+        data = shadow[torch.tensor(blocks), :, head].to(self.device, non_blocking=True)
+        self.scratch[layer].put(kind, blocks, head, data)
+        return data.numel() * data.element_size(), time.perf_counter() - start
