@@ -11,7 +11,7 @@ PORT ?= 50051
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup model proto serve test bench clean
+.PHONY: setup model proto serve test bench clean corpus evaluate
 
 setup: $(INSTALLED) $(STUBS)
 
@@ -42,3 +42,16 @@ bench: setup $(MODEL)
 
 clean:
 	rm -rf $(VENV) server/pb .pytest_cache .hypothesis
+
+# The development corpus (ENV.md): Ruth, Esther and Jonah from Debian's King James Bible, verse numbers stripped.
+CORPUS := .data/kjv.txt
+$(CORPUS):
+	command -v bible >/dev/null || apt-get install -y bible-kjv-text bible-kjv
+	mkdir -p .data
+	for r in "Ru1:1-4:22" "Es1:1-10:3" "Jon1:1-4:11"; do bible -l100000 "$$r"; done \
+		| sed -E 's/^ +[0-9]+ //; /^[A-Za-z]+ [0-9]+$$/d; /^$$/d' > $@
+
+corpus: $(CORPUS)
+
+evaluate: setup $(MODEL) $(CORPUS)
+	$(BIN)/python loadtest/bench_quality.py

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import secrets
+
+import torch
 import time
 from dataclasses import dataclass
 
@@ -56,6 +58,20 @@ class LLMEngine:
         requests, tokens, logprobs = self._execute_and_sample(output)
         self.scheduler.update(output, {r.request_id: t for r, t in zip(requests, tokens)})
         return [self._output(r, t, lp) for r, t, lp in zip(requests, tokens, logprobs)]
+
+    def score_step(self, forced: dict[str, int]) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+        """Teacher forcing for evaluation: step() with each sampled request's next token taken from `forced`
+        (request id -> token) instead of the sampler. Returns the float32 logits [vocab] of every sampled request
+        and the certificate aggregates of the requests that finished."""
+        output = self.scheduler.schedule()
+        for request_id in output.preempted:
+            self.runner.cache.release(request_id)
+        if not output.scheduled:
+            return {}, {}
+        batch, logits = self.runner.execute(output, [self.scheduler.requests[s.request_id].kv
+                                                     for s in output.scheduled])
+        finished = self.scheduler.update(output, {rid: forced[rid] for rid in batch.sample_ids})
+        return dict(zip(batch.sample_ids, logits)), {r.request_id: self._release(r.request_id) for r in finished}
 
     def _execute_and_sample(self, output: SchedulerOutput):
         """Forward pass and sampling; on any exception the step's requests are aborted and StepFailed raised."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.kv.certificate import gamma
+from engine.kv.certificate import UNIT_ROUNDOFF, block_deltas, gamma
 from engine.kv.quantizers import Codes
 
 
@@ -85,7 +85,8 @@ class QuantizedLayer:
     v_scale: torch.Tensor  # [NB, Hkv, bs, D / 16] float16 (per token and 16-channel group)
     v_zero: torch.Tensor  # [NB, Hkv, bs, D / 16] float16
     eps: torch.Tensor  # [NB, Hkv] float32: max_j ||k_j - k^_j|| in the block (inf: broken metadata)
-    eta: torch.Tensor  # [NB, Hkv] float32: max_j ||v_j - v^_j||
+    kappa: torch.Tensor  # [NB, Hkv] float32: max_(j,c) |k_jc - k^_jc| / k_scale_c
+    eta: torch.Tensor  # [NB, Hkv, bs] float16: ||v_j - v^_j|| per token, rounded up
     tail_k: torch.Tensor  # [S, bs, Hkv, D] model dtype: each sequence's trailing partial block, exact
     tail_v: torch.Tensor  # [S, bs, Hkv, D]
     scratch_k: torch.Tensor  # [C, bs, D] model dtype: promoted exact key blocks (one KV head each)
@@ -106,17 +107,25 @@ class DecodeView:
 
 @dataclass(frozen=True, slots=True)
 class DecodeResult:
-    """Output and the certificate's accumulators. Blocks: the nb full ones, then the partial one (index nb)."""
+    """Output and the certificate's accumulators (engine.kv.certificate). Per-block tensors list the nb full blocks
+    and then the partial one (index nb); per-head tensors are [Bd, Hkv, G]."""
 
     out: torch.Tensor  # [Bd, Hkv, G, D] float32: O = sum_j p^_j v^_j
     probs: torch.Tensor  # [Bd, Hkv, G, nb + 1, bs] float32: p^ (0 on padding)
     rho: torch.Tensor  # [Bd, Hkv, G, nb + 1]: block masses
-    e_val: torch.Tensor  # [Bd, Hkv, G]: sum_b rho_b eta_b over blocks whose values are quantized
-    delta_t: torch.Tensor  # [Bd, Hkv, G]: tau ||q|| max eps_b over the tail T (quantized keys)
-    alpha_t: torch.Tensor  # [Bd, Hkv, G]: mass of T
-    score_error: torch.Tensor  # [Bd, Hkv, G]: gamma_D tau ||q|| max_j ||k^_j||, the float32 score error bound
+    val_contrib: torch.Tensor  # [Bd, Hkv, G, nb + 1]: sum_(j in b) p^_j eta_j
+    dev_contrib: torch.Tensor  # [Bd, Hkv, G, nb + 1]: sum_(j in b) p^_j (||v^_j - O|| + eta_j)
+    block_delta: torch.Tensor  # [Bd, Hkv, G, nb]: Delta_b for blocks of T, 0 for the others
+    e_val: torch.Tensor  # sum_j p^_j eta_j
+    delta_t: torch.Tensor  # max Delta_b over T
+    alpha_t: torch.Tensor  # mass of T
+    w_tail: torch.Tensor  # W_T
+    w_exact: torch.Tensor  # W_P
+    radius_o: torch.Tensor  # max_j (||v^_j - O|| + eta_j)
+    rms: torch.Tensor  # sqrt(sum_j p^_j ||v^_j||^2)
+    score_error: torch.Tensor  # gamma_D tau ||q|| max_j ||k^_j||: the float32 score error bound
     value_scale: torch.Tensor  # [Bd, Hkv]: max_j ||v^_j||
-    broken: torch.Tensor  # [Bd, Hkv] bool: a tail block's annotations are not finite (rung 4)
+    broken: torch.Tensor  # [Bd, Hkv] bool: some annotation of a quantized block is not finite (rung 4)
     length: int  # tokens attended per row, padding included (for gamma_L)
 
 
@@ -140,28 +149,37 @@ def certified_decode(q, layer: QuantizedLayer, view: DecodeView, scale: float, q
                                                                  < view.tail_lens[:, None, None]))
     valid = valid.flatten(1)[:, None, None, :]  # [Bd, 1, 1, L]
     grouped = q.float().view(batch, kv_heads, heads // kv_heads, dim)
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)) * scale
-    probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
+    probs = torch.softmax((torch.matmul(grouped, keys.transpose(-1, -2)) * scale).masked_fill(~valid, -torch.inf), -1)
     out = torch.matmul(probs, values)
-    probs = probs.view(*probs.shape[:3], nb + 1, bs)
-    rho = probs.sum(dim=-1)
     in_tail = full[:, None, :nb] & (layer.k_slot[tables] < 0).transpose(1, 2)  # [Bd, Hkv, nb]
     value_quant = full[:, None, :nb] & (layer.v_slot[tables] < 0).transpose(1, 2)
-    eps = layer.eps[tables].transpose(1, 2)  # [Bd, Hkv, nb]
-    eta = torch.where(value_quant, layer.eta[tables].transpose(1, 2), 0.0)
-    tail_eps = torch.where(in_tail, eps, 0.0)
-    eps_t = tail_eps.amax(dim=-1) if nb else tail_eps.new_zeros(batch, kv_heads)  # [Bd, Hkv]
+    eta = torch.where(value_quant[..., None], layer.eta[tables].transpose(1, 2).float(), 0.0)  # [Bd, Hkv, nb, bs]
+    eta = torch.cat([eta, eta.new_zeros(batch, kv_heads, 1, bs)], dim=2).flatten(2)  # partial block: exact
+    eps = torch.where(in_tail, layer.eps[tables].transpose(1, 2), 0.0)
     q_norm = grouped.norm(dim=-1)
-    k_norm = torch.where(valid[:, 0, 0, None, :], keys.norm(dim=-1), 0.0).amax(dim=-1)  # [Bd, Hkv]
-    v_norm = torch.where(valid[:, 0, 0, None, :], values.norm(dim=-1), 0.0).amax(dim=-1)
+    block_delta = torch.where(in_tail[:, :, None], block_deltas(q_norm[..., None], eps[:, :, None], torch.matmul(
+        grouped.abs(), layer.k_scale[tables].transpose(1, 2).float().transpose(-1, -2)),
+        layer.kappa[tables].transpose(1, 2)[:, :, None], scale), 0.0)
+    squares = (values * values).sum(dim=-1)  # [Bd, Hkv, L]
+    out_sq = (out * out).sum(dim=-1, keepdim=True)
+    spread = (squares[:, :, None] - 2 * torch.matmul(out, values.transpose(-1, -2)) + out_sq).clamp_min(0)
+    spread = (spread + 8 * UNIT_ROUNDOFF * (squares[:, :, None] + out_sq)).sqrt() + eta[:, :, None]  # >= ||v_j - O||
+    spread = spread * valid[:, 0, None]
+    blocks_of = (batch, kv_heads, heads // kv_heads, nb + 1, bs)
+    rho = probs.view(blocks_of).sum(dim=-1)
+    dev_contrib = (probs * spread).view(blocks_of).sum(dim=-1)
+    mask = in_tail[:, :, None].float()
+    w_tail = (dev_contrib[..., :nb] * mask).sum(dim=-1)
     return DecodeResult(
-        out=out, probs=probs, rho=rho,
-        e_val=(rho[..., :nb] * eta[:, :, None, :]).sum(dim=-1),
-        delta_t=scale * q_norm * eps_t[..., None],
-        alpha_t=(rho[..., :nb] * in_tail[:, :, None, :]).sum(dim=-1),
-        score_error=gamma(dim) * scale * q_norm * k_norm[..., None],
-        value_scale=v_norm,
-        broken=~(torch.isfinite(tail_eps) & torch.isfinite(eta)).all(dim=-1),
+        out=out, probs=probs.view(blocks_of), rho=rho,
+        val_contrib=(probs * eta[:, :, None]).view(blocks_of).sum(dim=-1), dev_contrib=dev_contrib,
+        block_delta=block_delta, e_val=(probs * eta[:, :, None]).sum(dim=-1),
+        delta_t=block_delta.amax(dim=-1) if nb else q_norm.new_zeros(q_norm.shape),
+        alpha_t=(rho[..., :nb] * mask).sum(dim=-1), w_tail=w_tail, w_exact=dev_contrib.sum(dim=-1) - w_tail,
+        radius_o=spread.amax(dim=-1), rms=(probs * squares[:, :, None]).sum(dim=-1).sqrt(),
+        score_error=gamma(dim) * scale * q_norm * (keys.norm(dim=-1) * valid[:, 0, 0, None]).amax(dim=-1)[..., None],
+        value_scale=(squares * valid[:, 0, 0, None]).amax(dim=-1).sqrt(),
+        broken=~(torch.isfinite(eps).all(dim=-1) & torch.isfinite(eta).all(dim=-1)),
         length=(nb + 1) * bs,
     )
 

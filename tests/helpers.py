@@ -9,7 +9,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
-from engine.request import SamplingParams, StoppingParams
+from engine.request import KVPolicy, SamplingParams, StoppingParams
 
 
 def make_engine(model: Path, **overrides) -> LLMEngine:
@@ -19,8 +19,10 @@ def make_engine(model: Path, **overrides) -> LLMEngine:
 
 def run_engine(engine: LLMEngine, prompts: dict[str, list[int]], max_new: int = 16,
                sampling: dict[str, SamplingParams] | None = None, arrive_at: dict[str, int] | None = None,
-               stopping: StoppingParams | None = None) -> dict[str, list[int]]:
-    """Runs prompts to completion; `arrive_at[rid]` delays a request's admission by that many steps."""
+               stopping: StoppingParams | None = None, kv: KVPolicy | None = None,
+               finals: dict | None = None) -> dict[str, list[int]]:
+    """Runs prompts to completion; `arrive_at[rid]` delays a request's admission by that many steps; the final
+    output of each request goes into `finals` when given."""
     arrive_at = arrive_at or {}
     pending = dict(prompts)
     tokens: dict[str, list[int]] = {rid: [] for rid in prompts}
@@ -28,12 +30,17 @@ def run_engine(engine: LLMEngine, prompts: dict[str, list[int]], max_new: int = 
     while pending or engine.has_unfinished():
         for rid in [r for r in pending if arrive_at.get(r, 0) <= step]:
             params = (sampling or {}).get(rid, SamplingParams())
-            engine.add_request(engine.new_request(rid, pending.pop(rid), params, stopping or StoppingParams(max_new)))
+            engine.add_request(engine.new_request(rid, pending.pop(rid), params, stopping or StoppingParams(max_new),
+                                                  kv))
         for out in engine.step():
             tokens[out.request_id] += out.token_ids
+            if out.finished and finals is not None:
+                finals[out.request_id] = out
         engine.scheduler.check_invariants()
         step += 1
     assert engine.scheduler.blocks.num_free == engine.spec.num_kv_blocks
+    if hasattr(engine.runner.cache, "in_use"):
+        assert not any(engine.runner.cache.in_use().values()), engine.runner.cache.in_use()
     return tokens
 
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.kv import certificate as cert
-from engine.kv.quantizers import error_norms
+from engine.kv.quantizers import round_up
 
 BS = 16
 
@@ -24,36 +24,36 @@ def certify_case(q, k, k_hat, v, v_hat, promoted, scale):
     length, dim = k.shape
     blocks = math.ceil(length / BS)
     full = length // BS  # the partial block (if any) is exact, like the cache's tail
-    key_used = k_hat.clone()
+    key_used, value_used = k_hat.clone(), v_hat.clone()
     for b in range(blocks):
         if b >= full or promoted[b]:
             key_used[b * BS:(b + 1) * BS] = k[b * BS:(b + 1) * BS]
-    value_used = v_hat.clone()
     value_used[full * BS:] = v[full * BS:]
     # kernel side, float32
-    scores = (key_used.float() @ q.float()) * scale
-    probs = torch.softmax(scores, dim=0)
+    probs = torch.softmax((key_used.float() @ q.float()) * scale, dim=0)
     out = probs @ value_used.float()
-    pad = blocks * BS - length
-    rho = torch.nn.functional.pad(probs, (0, pad)).view(blocks, BS).sum(-1)
+    block_of = torch.arange(length) // BS
     in_tail = torch.tensor([b < full and not promoted[b] for b in range(blocks)])
-
-    def per_block(exact, approx):
-        exact = torch.nn.functional.pad(exact.float(), (0, 0, 0, pad)).view(blocks, BS, dim)
-        approx = torch.nn.functional.pad(approx.float(), (0, 0, 0, pad)).view(blocks, BS, dim)
-        return error_norms(exact[None, None].transpose(1, 2)[0], approx[None, None].transpose(1, 2)[0])[:, 0]
-
-    eps = per_block(k, key_used)
-    eta = per_block(v, value_used)
-    q_norm = q.float().norm()
-    delta_t = scale * q_norm * torch.where(in_tail, eps, 0).max()
-    alpha_t = (rho * in_tail).sum()
-    e_val = cert.value_error(rho, eta)
+    token_tail = in_tail[block_of]
+    errors = (k.float() - key_used.float())
+    eta = round_up((v.float() - value_used.float()).norm(dim=-1))
+    deltas = torch.zeros(blocks)
+    for b in range(blocks):
+        if in_tail[b]:
+            e = errors[b * BS:(b + 1) * BS]
+            channel_scale = e.abs().amax(0)  # a per-channel scale with kappa = 1 (channel form of Delta)
+            deltas[b] = cert.block_deltas(q.float().norm(), round_up(e.norm(dim=-1).max()),
+                                          q.float().abs() @ channel_scale, round_up(torch.tensor(1.0)), scale)
+    delta_t = deltas.max()
+    alpha_t = probs[token_tail].sum()
     centre = v[:BS].float().mean(0)
-    radius = (v.float() - centre).norm(dim=-1).max() * (1 + 2**-20)
-    score_error = cert.gamma(dim) * scale * q_norm * key_used.float().norm(dim=-1).max()
-    value_scale = value_used.float().norm(dim=-1).max()
-    terms = cert.bound_terms(e_val, delta_t, alpha_t, radius, score_error, value_scale, length, dim)
+    radius = round_up((v.float() - centre).norm(dim=-1).max())
+    spread = (value_used.float() - out).norm(dim=-1) * (1 + 1e-6) + eta
+    w_tail = (probs * spread)[token_tail].sum()
+    w_exact = (probs * spread)[~token_tail].sum()
+    score_error = cert.gamma(dim) * scale * q.float().norm() * key_used.float().norm(dim=-1).max()
+    terms = cert.bound_terms((probs * eta).sum(), delta_t, alpha_t, radius, spread.max(), w_tail, w_exact,
+                             score_error, value_used.float().norm(dim=-1).max(), length, dim)
     reference = torch.softmax((k.double() @ q.double()) * scale, dim=0) @ v.double()
     return (out.double() - reference).norm().item(), terms
 
@@ -141,4 +141,27 @@ def test_radius_over_tail_only_would_be_unsound():
     assert actual <= terms.total.item()
     tail_radius = (v[16:].float() - v[:16].float().mean(0)).norm(dim=-1).max()
     naive = cert.softmax_tv_bound(0.25 * q.norm(), torch.tensor(1.0)) * 2 * tail_radius
-    assert naive < terms.e_key  # the sound radius is larger, as it must be
+    assert naive < terms.e_key  # the sound bound is larger, as it must be
+
+
+def test_each_key_form_can_be_the_tightest():
+    """Small Delta: the attention-weighted spread wins; a tiny tail mass: the tail-mass form of the TV bound."""
+    delta, radius = torch.tensor(0.05), torch.tensor(10.0)
+    spread_form = cert.key_error(delta, torch.tensor(0.9), radius, radius, torch.tensor(1.0), torch.tensor(0.1))
+    assert spread_form < cert.softmax_tv_bound(delta, torch.tensor(0.9)) * 2 * radius
+    big = torch.tensor(3.0)
+    tail_form = cert.key_error(big, torch.tensor(1e-4), radius, radius, torch.tensor(5.0), torch.tensor(5.0))
+    assert tail_form == cert.softmax_tv_bound(big, torch.tensor(1e-4)) * 2 * radius
+
+
+def test_ratio_bounds_are_attained_at_the_extremes():
+    """All tail scores at +Delta (or -Delta): p / p^ reaches the predicted extremes on T and on P."""
+    delta, alpha = torch.tensor(0.4, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64)
+    u_tail, u_exact = cert.ratio_bounds(delta, alpha)
+    p_hat = torch.tensor([0.7, 0.3], dtype=torch.float64)  # [P token, T token]
+    for sign in (1, -1):
+        p = torch.softmax(p_hat.log() - torch.stack([torch.zeros((), dtype=torch.float64), sign * delta]), 0)
+        ratio = (p_hat - p).abs() / p_hat
+        assert ratio[1] <= u_tail + 1e-12 and ratio[0] <= u_exact + 1e-12
+    assert torch.isclose(max((p_hat - torch.softmax(p_hat.log() - torch.stack(
+        [torch.zeros((), dtype=torch.float64), s * delta]), 0)).abs()[0] / 0.7 for s in (1, -1)), u_exact)

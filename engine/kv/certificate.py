@@ -2,21 +2,28 @@
 
 For one query head at one step: q, scale tau, token j with reference k_j, v_j and stored k^_j, v^_j. P = tokens whose
 keys are exact (promoted blocks, the trailing partial block), T = the rest. p = softmax(tau q.k), p^ = softmax(tau q.k^),
-O_ref = sum p_j v_j, O = sum p^_j v^_j. Then exactly O - O_ref = sum p^_j (v^_j - v_j) + sum (p^_j - p_j) v_j, so
+O_ref = sum p_j v_j, O = sum p^_j v^_j. Exactly, O - O_ref = sum p^_j (v^_j - v_j) + sum (p^_j - p_j) v_j, so
 
     ||O - O_ref|| <= E_val + E_key + E_fp
-    E_val = sum_b rho^_b eta_b                                     (value error, weighted by the kernel's masses)
-    E_key = min(tanh(Delta_T / 2), alpha^_T (e^Delta_T - 1)) * 2R  (total variation of the weights times the spread)
-    E_fp  = floating-point slack of the kernel and of this arithmetic (fp_slack below)
 
-with Delta_b = tau * ||q|| * eps_b the largest score error in block b, Delta_T = max over tail blocks, alpha^_T the
-computed mass of the tail, and R = max_j ||v_j - c|| over EVERY token of the sequence for a fixed centre c, because
-sum (p^ - p) v = sum (p^ - p)(v - c) <= TV(p, p^) * 2R. The two forms of the TV bound: |delta_j| <= Delta_T on T and 0
-on P gives TV <= tanh(Delta_T / 2) (attained by two tokens at +-Delta), and since p^_j / p_j lies in e^[-2Delta, 2Delta]
-when only the tail moves, TV <= alpha^_T (e^Delta_T - 1). KL(p || p^) <= Delta_T^2 / 2 comes free.
+E_val = sum_j p^_j eta_j with eta_j >= ||v_j - v^_j|| measured per token at write time (0 where values are exact).
 
-Accepted ("certified") when E_val + E_key + E_fp <= tolerance * max(||O|| - bound, floor): ||O|| - bound is a lower
-bound of ||O_ref||, so the relative error against the reference is at most `tolerance`.
+E_key bounds ||sum (p^_j - p_j) v_j||. Key errors move each score by delta_j = tau q.(k^_j - k_j), |delta_j| <= Delta_b in
+block b of T, 0 on P, with Delta_b = tau min(||q|| eps_b, kappa_b sum_c |q_c| s_bc) (eps_b: the block's largest key
+error norm; kappa_b: its largest per-channel error in units of the channel's scale s_bc). Delta_T = max over T. Since
+sum p^ = sum p = 1, any centre c can be subtracted from the values, and three bounds hold; E_key is their minimum:
+  (a) TV(p, p^) * 2 R with R = max_j ||v_j - c|| over EVERY token for the sequence's centre c, TV <=
+      min(tanh(Delta_T / 2), alpha^_T (e^Delta_T - 1)) (alpha^_T: the computed mass of T);
+  (b) the same with c = O: R_O = max_j (||v^_j - O|| + eta_j);
+  (c) per token, p_j / p^_j = e^-delta_j * Z^/Z and Z/Z^ = sum p^_j e^-delta_j lies in [m_lo, m_hi] =
+      [1 - alpha^_T (1 - e^-Delta_T), 1 + alpha^_T (e^Delta_T - 1)], so |p^_j - p_j| <= u_T p^_j on T and u_P p^_j on P,
+      u_T = max(e^Delta_T / m_lo - 1, 1 - e^-Delta_T / m_hi), u_P = max(1 / m_lo - 1, 1 - 1 / m_hi); with c = O this
+      gives u_T W_T + u_P W_P, W_X = sum_(j in X) p^_j (||v^_j - O|| + eta_j): the attention-weighted spread.
+E_fp = floating-point slack of the kernel and of this arithmetic (fp_slack below). KL(p || p^) <= Delta_T^2 / 2.
+
+Accepted ("certified") when E_val + E_key + E_fp <= tolerance * max(||O|| - bound, floor) with floor = FLOOR_FRACTION
+times the RMS norm of the attended values, sqrt(sum p^_j ||v^_j||^2) (>= ||O||): the error is at most `tolerance`
+times the larger of the reference output's norm and the typical norm of what the head averages.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch
 
 UNIT_ROUNDOFF = 2.0**-24  # float32, the precision the certified kernel computes in
 RELATIVE_MARGIN = 2.0**-12  # on the bound itself: the terms above are computed in float32 too
-FLOOR_FRACTION = 0.1  # floor = FLOOR_FRACTION * R: outputs far smaller than the values' spread need no more
+FLOOR_FRACTION = 1.0  # floor = FLOOR_FRACTION * RMS of the attended values
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,9 +53,11 @@ def gamma(n: int | torch.Tensor) -> torch.Tensor | float:
     return n * UNIT_ROUNDOFF / (1 - n * UNIT_ROUNDOFF)
 
 
-def key_deltas(q_norm: torch.Tensor, eps: torch.Tensor, scale: float) -> torch.Tensor:
-    """Delta_b = tau ||q|| eps_b: the largest change of a score in block b caused by key quantization."""
-    return scale * q_norm * eps
+def block_deltas(q_norm: torch.Tensor, eps: torch.Tensor, q_abs_dot_scale: torch.Tensor, kappa: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """Delta_b = tau min(||q|| eps_b, kappa_b sum_c |q_c| s_bc): the largest change of a score in block b."""
+    channel_form = torch.nan_to_num(kappa * q_abs_dot_scale, nan=torch.inf)  # kappa = inf with |q| . s = 0
+    return scale * torch.minimum(q_norm * eps, channel_form)
 
 
 def softmax_tv_bound(delta_t: torch.Tensor, alpha_t: torch.Tensor) -> torch.Tensor:
@@ -56,9 +65,21 @@ def softmax_tv_bound(delta_t: torch.Tensor, alpha_t: torch.Tensor) -> torch.Tens
     return torch.minimum(torch.tanh(delta_t / 2), alpha_t * torch.expm1(delta_t))
 
 
-def value_error(rho: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
-    """E_val = sum_b rho^_b eta_b over the last dim (blocks whose values are exact carry eta_b = 0)."""
-    return (rho * eta).sum(dim=-1)
+def ratio_bounds(delta_t: torch.Tensor, alpha_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u_T, u_P): |p^_j - p_j| <= u p^_j for tokens of T and of P (form (c) above)."""
+    m_lo = 1 - alpha_t * -torch.expm1(-delta_t)
+    m_hi = 1 + alpha_t * torch.expm1(delta_t)
+    u_tail = torch.maximum(torch.exp(delta_t) / m_lo - 1, 1 - torch.exp(-delta_t) / m_hi)
+    u_exact = torch.maximum(1 / m_lo - 1, 1 - 1 / m_hi)
+    return u_tail, u_exact
+
+
+def key_error(delta_t, alpha_t, radius, radius_o, w_tail, w_exact) -> torch.Tensor:
+    """E_key = min of forms (a), (b), (c)."""
+    spread = softmax_tv_bound(delta_t, alpha_t) * 2 * torch.minimum(radius, radius_o)
+    u_tail, u_exact = ratio_bounds(delta_t, alpha_t)
+    deviation = u_tail * w_tail + u_exact * w_exact
+    return torch.minimum(spread, torch.nan_to_num(deviation, nan=float("inf")))
 
 
 def fp_slack(bound: torch.Tensor, score_error: torch.Tensor, value_scale: torch.Tensor, length: int,
@@ -68,27 +89,22 @@ def fp_slack(bound: torch.Tensor, score_error: torch.Tensor, value_scale: torch.
     score_error bounds |fl(s_j) - s_j| (gamma_D tau ||q|| max_j ||k^_j||); a score perturbation of d moves the
     weights by at most tanh(d) in total variation, and exp/normalisation add a few roundings per weight, so the
     weights cost (2 d + 8 u) * value_scale; the weighted sum of L vectors costs gamma_(L + D) * value_scale.
-    value_scale bounds max_j ||v^_j|| (||c|| + R + max eta)."""
+    value_scale bounds max_j ||v^_j||."""
     weights = 2 * score_error + 8 * UNIT_ROUNDOFF
     return RELATIVE_MARGIN * bound + (weights + gamma(length + head_dim)) * value_scale
 
 
-def bound_terms(e_val: torch.Tensor, delta_t: torch.Tensor, alpha_t: torch.Tensor, radius: torch.Tensor,
-                score_error: torch.Tensor, value_scale: torch.Tensor, length: int, head_dim: int) -> BoundTerms:
+def bound_terms(e_val, delta_t, alpha_t, radius, radius_o, w_tail, w_exact, score_error, value_scale, length: int,
+                head_dim: int) -> BoundTerms:
     """All terms for a batch of heads (tensors broadcast together), from the kernel's accumulators."""
-    e_key = softmax_tv_bound(delta_t, alpha_t) * 2 * radius
+    e_key = key_error(delta_t, alpha_t, radius, radius_o, w_tail, w_exact)
     e_fp = fp_slack(e_val + e_key, score_error, value_scale, length, head_dim)
     return BoundTerms(e_val, e_key, e_fp)
 
 
-def threshold(out_norm: torch.Tensor, bound: torch.Tensor, radius: torch.Tensor, tolerance: torch.Tensor | float):
-    """tolerance * max(||O|| - bound, floor): the largest bound that certifies a relative error <= tolerance."""
-    return tolerance * torch.maximum(out_norm - bound, FLOOR_FRACTION * radius)
-
-
-def certified(terms: BoundTerms, out_norm: torch.Tensor, radius: torch.Tensor, tolerance) -> torch.Tensor:
-    bound = terms.total
-    return torch.isfinite(bound) & (bound <= threshold(out_norm, bound, radius, tolerance))
+def threshold(out_norm: torch.Tensor, bound: torch.Tensor, rms: torch.Tensor, tolerance) -> torch.Tensor:
+    """tolerance * max(||O|| - bound, FLOOR_FRACTION * RMS of the attended values)."""
+    return tolerance * torch.maximum(out_norm - bound, FLOOR_FRACTION * rms)
 
 
 def kl_bound(delta_t: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.kv import certificate as cert
-from engine.kv.stats import EscalationRecord
+from engine.kv.stats import RATIO_BINS, EscalationRecord, ratio_bins
 from engine.request import KVMode
 from kernels import certified_decode, decode_attention
 from kernels.reference import DecodeResult, DecodeView
@@ -30,6 +30,20 @@ if TYPE_CHECKING:
     from engine.kv.tiers import StepPlan, TieredKVCache
 
 CERTIFYING = (KVMode.CERTIFIED, KVMode.AUDIT)
+
+
+def check(result: DecodeResult, radius: torch.Tensor, tolerance: torch.Tensor):
+    """(bound, limit) per query head [Bd, Hkv, G]: certified where bound <= limit. radius [Bd, Hkv]; tolerance
+    broadcast to [Bd, 1, 1]. A non-finite output or bound becomes an infinite bound (a monitor: never accepted)."""
+    bound = terms_of(result, radius).total
+    bound = torch.where(torch.isfinite(bound) & torch.isfinite(result.out).all(dim=-1), bound, torch.inf)
+    return bound, cert.threshold(result.out.norm(dim=-1), bound, result.rms, tolerance)
+
+
+def terms_of(result: DecodeResult, radius: torch.Tensor) -> cert.BoundTerms:
+    return cert.bound_terms(result.e_val, result.delta_t, result.alpha_t, radius[..., None], result.radius_o,
+                            result.w_tail, result.w_exact, result.score_error, result.value_scale[..., None],
+                            result.length, result.out.shape[-1])
 
 
 class Ladder:
@@ -41,7 +55,7 @@ class Ladder:
         view = plan.view
         radius = self.cache.radius[layer][view.slots]  # [Bd, Hkv]
         tol = plan.tolerance[:, None, None]
-        bound, limit = self._check(result, radius, tol)
+        bound, limit = check(result, radius, tol)
         out = result.out
         rung = torch.zeros(out.shape[:2], dtype=torch.int64, device=out.device)  # per group
         certifying = torch.tensor([m in CERTIFYING for m in plan.modes], device=out.device)
@@ -55,22 +69,13 @@ class Ladder:
         self._account(plan, q.shape[1], bound, limit, rung)
         return out
 
-    def _check(self, result: DecodeResult, radius, tol):
-        terms = cert.bound_terms(result.e_val, result.delta_t, result.alpha_t, radius[..., None], result.score_error,
-                                 result.value_scale[..., None], result.length, result.out.shape[-1])
-        bound = terms.total
-        bound = torch.where(torch.isfinite(bound) & torch.isfinite(result.out).all(dim=-1), bound, torch.inf)
-        return bound, cert.threshold(result.out.norm(dim=-1), bound, radius[..., None], tol)
-
     def _escalate(self, layer, q, result, plan, batch, scale, radius, tol, over, broken, state):
         out, bound, limit, rung = state
         cache, view = self.cache, plan.view
         planned, moved = {}, {}
-        kv_heads = out.shape[1]
-        q_scale = scale * q.float().view(q.shape[0], kv_heads, -1, q.shape[-1]).norm(dim=-1)  # tau ||q|| [Bd, Hkv, G]
+        terms = terms_of(result, radius)
         for i, h in over.nonzero().tolist():
-            choice = self._plan_group(layer, result, view, i, h, bound[i, h], limit[i, h], radius[i, h],
-                                      q_scale[i, h])
+            choice = self._plan_group(layer, result, terms, view, i, h, limit[i, h], radius[i, h])
             if choice is not None:
                 values, keys = choice
                 bytes_v, secs_v = cache.promote(layer, "v", values, h)
@@ -100,7 +105,7 @@ class Ladder:
         index = torch.tensor(seqs, device=q.device)
         sub = DecodeView(view.block_tables[index], view.num_full[index], view.tail_lens[index], view.slots[index])
         result = certified_decode(q[index], self.cache.layers[layer], sub, scale, self.cache.quantizer)
-        new_bound, new_limit = self._check(result, radius[index], tol[index])
+        new_bound, new_limit = check(result, radius[index], tol[index])
         failed = set()
         for (i, h), level in planned.items():
             j = seqs.index(i)
@@ -128,28 +133,25 @@ class Ladder:
                              seconds)
         return moved
 
-    def _plan_group(self, layer, result, view, i, h, bound, limit, radius, q_scale):
+    def _plan_group(self, layer, result, terms, view, i, h, limit, radius):
         """(value blocks, key blocks) to promote for group (i, h), or None when rung 3 is the better deal."""
         num_full = int(view.num_full[i])
-        if num_full == 0 or not bool(torch.isfinite(bound).all()):
+        e_val, e_key, e_fp = terms.e_val[i, h], terms.e_key[i, h], terms.e_fp[i, h]
+        if num_full == 0 or not bool(torch.isfinite(e_val + e_key + e_fp).all()):
             return None
-        tier1, blocks = self.cache.layers[layer], view.block_tables[i, :num_full]
-        rho = result.rho[i, h, :, :num_full]  # [G, nb]
-        e_val = result.e_val[i, h]
-        e_key = cert.softmax_tv_bound(result.delta_t[i, h], result.alpha_t[i, h]) * 2 * radius
-        budget = limit - (bound - e_val - e_key)  # what E_val + E_key may use once E_fp is paid
+        blocks = view.block_tables[i, :num_full]
+        budget = limit - e_fp  # what E_val + E_key may use
         if not bool((budget > 0).all()):
             return None
-        eta = torch.where(tier1.v_slot[blocks, h] < 0, tier1.eta[blocks, h], 0.0)
+        contrib = result.val_contrib[i, h, :, :num_full]
         if bool((e_key <= budget * 0.9).all()):
-            values = _by_contribution(rho * eta, e_val - (budget * 0.9 - e_key))
-            keys = []
+            values, keys = _by_contribution(contrib, e_val - (budget * 0.9 - e_key)), []
         else:
-            in_tail = tier1.k_slot[blocks, h] < 0
-            keys = _by_mass(rho, tier1.eps[blocks, h], in_tail, q_scale, radius, budget * 0.45, result.alpha_t[i, h])
+            in_tail = self.cache.layers[layer].k_slot[blocks, h] < 0
+            keys = _by_mass(result, i, h, num_full, in_tail, radius, budget * 0.45)
             if keys is None:
                 return None
-            values = _by_contribution(rho * eta, e_val - budget * 0.45)
+            values = _by_contribution(contrib, e_val - budget * 0.45)
         if len(values) + len(keys) > max(4, num_full // 2):
             return None
         ids = blocks.tolist()
@@ -172,6 +174,8 @@ class Ladder:
             ratio = actual[n][checked] / bound[i][checked].double().clamp_min(1e-300)
             if ratio.numel():
                 stats.worst_actual_over_bound = max(stats.worst_actual_over_bound, float(ratio.max()))
+                counts = torch.bincount(ratio_bins(ratio), minlength=RATIO_BINS).tolist()
+                stats.ratio_hist = [a + b for a, b in zip(stats.ratio_hist, counts)]
 
     def _account(self, plan, heads: int, bound, limit, rung) -> None:
         groups = rung.shape[1]
@@ -201,17 +205,22 @@ def _by_contribution(contrib: torch.Tensor, need: torch.Tensor) -> list[int]:
     return order[:count].tolist()
 
 
-def _by_mass(rho, eps, in_tail, q_scale, radius, goal, alpha_t):
-    """Fewest tail blocks, heaviest first, whose promotion brings the predicted E_key under `goal` [G].
-
-    rho [G, nb], eps and in_tail [nb], q_scale = tau ||q|| [G], alpha_t [G]. None when no prefix suffices."""
+def _by_mass(result: DecodeResult, i: int, h: int, num_full: int, in_tail, radius, goal):
+    """Fewest tail blocks of group (i, h), heaviest first, whose promotion to exact keys brings the predicted E_key
+    under `goal` [G] for every query head; None when no prefix suffices. Moving a block from T to P removes its
+    Delta_b, mass and spread from the tail sums (the prediction keeps p^ fixed; the re-run decides)."""
     tail = in_tail.nonzero().flatten()
+    rho = result.rho[i, h, :, :num_full]
     order = tail[rho[:, tail].amax(dim=0).argsort(descending=True)]
-    eps_sorted = eps[order]
-    # largest eps among the blocks left after promoting the first m (m = 0 .. n)
-    rest = torch.cat([eps_sorted.flip(0).cummax(0).values.flip(0), eps_sorted.new_zeros(1)])
-    mass = rho[:, order]
-    alpha = alpha_t[:, None] - torch.cat([mass.new_zeros(mass.shape[0], 1), mass.cumsum(-1)], dim=-1)
-    e_key = cert.softmax_tv_bound(q_scale[:, None] * rest[None, :], alpha.clamp_min(0)) * 2 * radius
+    deltas = result.block_delta[i, h, :, :num_full][:, order]  # [G, n]
+    rest = torch.cat([deltas.flip(-1).cummax(-1).values.flip(-1), deltas.new_zeros(deltas.shape[0], 1)], dim=-1)
+
+    def moved(x):  # what the first m blocks carry, m = 0 .. n
+        return torch.cat([x.new_zeros(x.shape[0], 1), x[:, order].cumsum(dim=-1)], dim=-1)
+
+    dev = moved(result.dev_contrib[i, h, :, :num_full])
+    e_key = cert.key_error(rest, (result.alpha_t[i, h, :, None] - moved(rho)).clamp_min(0), radius,
+                           result.radius_o[i, h, :, None], (result.w_tail[i, h, :, None] - dev).clamp_min(0),
+                           result.w_exact[i, h, :, None] + dev)
     fits = (e_key <= goal[:, None]).all(dim=0).nonzero()
     return order[: int(fits[0])].tolist() if fits.numel() else None

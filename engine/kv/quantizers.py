@@ -103,12 +103,31 @@ class MinMaxQuantizer:
         return keys + values
 
 
-def error_norms(exact: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
-    """max over the block's tokens of ||exact - approx||_2, rounded up so that the stored value is an upper bound.
+def round_up(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x in `dtype`, never below x: stored annotations must stay upper bounds after rounding."""
+    inf = torch.tensor(float("inf"), device=x.device)
+    y = torch.nextafter(x * (1 + 2**-20), inf)  # covers the float32 rounding of the norm computation itself
+    stored = y.to(dtype)
+    return torch.where(stored.float() < y, torch.nextafter(stored, inf.to(dtype)), stored)
 
-    exact, approx [N, Hkv, bs, D] -> [N, Hkv] float32."""
-    norms = (exact.float() - approx).norm(dim=-1).amax(dim=-1)
-    return torch.nextafter(norms * (1 + 2**-20), torch.tensor(float("inf"), device=norms.device))
+
+def error_norms(exact: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
+    """max over the block's tokens of ||exact - approx||_2, rounded up: [N, Hkv, bs, D] -> [N, Hkv] float32."""
+    return round_up((exact.float() - approx).norm(dim=-1).amax(dim=-1))
+
+
+def token_error_norms(exact: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
+    """||exact_j - approx_j||_2 per token, rounded up into float16: [N, Hkv, bs, D] -> [N, Hkv, bs]."""
+    return round_up((exact.float() - approx).norm(dim=-1), META_DTYPE)
+
+
+def channel_error_ratio(exact: torch.Tensor, approx: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """kappa_b = max over tokens and channels of |error| / scale_c, so that |e_jc| <= kappa_b * scale_c for every
+    token j of the block: [N, Hkv, bs, D] with scale [N, Hkv, D] -> [N, Hkv] float32 (inf if a scale is 0 and the
+    channel still has an error)."""
+    worst = (exact.float() - approx).abs().amax(dim=2)  # [N, Hkv, D]
+    ratio = torch.where(worst > 0, worst / scale.float(), 0.0)
+    return round_up(ratio.amax(dim=-1))
 
 
 def make_quantizer(name: str, k_bits: int, v_bits: int) -> Quantizer:

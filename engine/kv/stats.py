@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from engine.request import KVMode
 
 RUNGS = 5  # 0 certified, 1 values, 2 keys, 3 exact head, 4 exact layer
+RATIO_DECADES, RATIO_PER_DECADE = 4, 16  # audit histogram of actual/bound: 1e-4 .. 1, 16 bins a decade
+RATIO_BINS = RATIO_DECADES * RATIO_PER_DECADE + 2  # plus "below 1e-4" (bin 0) and "above 1" (the last bin)
+
+
+def ratio_bins(ratios: torch.Tensor) -> torch.Tensor:
+    """Histogram bin of each actual/bound ratio (log scale; 0 below 1e-4, RATIO_BINS - 1 above 1)."""
+    position = torch.floor((torch.log10(ratios.clamp_min(1e-30)) + RATIO_DECADES) * RATIO_PER_DECADE)
+    return (position.clamp(-1, RATIO_BINS - 2) + 1).long()
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +50,20 @@ class CertificateStats:
     worst_actual_over_bound: float = 0.0
     transfer_bytes: int = 0
     transfer_seconds: float = 0.0
+    ratio_hist: list[int] = field(default_factory=lambda: [0] * RATIO_BINS)  # audit: actual/bound, log scale
+
+    @staticmethod
+    def histogram_median(hist: list[int]) -> float | None:
+        """The median actual/bound from a ratio histogram, at the bin's geometric centre (about 7% resolution)."""
+        total = sum(hist)
+        if not total:
+            return None
+        running = 0
+        for b, count in enumerate(hist):
+            running += count
+            if 2 * running >= total:
+                return 10 ** ((b - 0.5) / RATIO_PER_DECADE - RATIO_DECADES)
+        return None
 
     @property
     def certified_rung0(self) -> int:

@@ -22,7 +22,7 @@ import torch
 
 from engine.batch import ForwardBatch
 from engine.kv.escalation import Ladder
-from engine.kv.quantizers import Quantizer, error_norms
+from engine.kv.quantizers import Quantizer, channel_error_ratio, error_norms, token_error_norms
 from engine.kv.stats import CertificateStats, EscalationRecord
 from engine.request import KVMode
 from kernels import certified_decode, decode_attention, prefill_attention
@@ -122,6 +122,7 @@ class TieredKVCache:
         self.centre = [torch.zeros(max_seqs, num_kv_heads, head_dim, device=device) for _ in range(num_layers)]
         self.radius = [torch.zeros(max_seqs, num_kv_heads, device=device) for _ in range(num_layers)]
         self.slots: dict[str, int] = {}
+        self.blocks: dict[str, list[int]] = {}  # each live request's block table, as of its last step
         self._free_slots = list(range(max_seqs - 1, -1, -1))
         self.stats: dict[str, CertificateStats] = {}
         self.records: list[EscalationRecord] = []
@@ -138,7 +139,7 @@ class TieredKVCache:
             k_codes=zeros(nb, h, bs, d * q.k_bits // 8, dtype=torch.uint8), k_scale=zeros(nb, h, d),
             k_zero=zeros(nb, h, d), v_codes=zeros(nb, h, bs, d * q.v_bits // 8, dtype=torch.uint8),
             v_scale=zeros(nb, h, bs, d // 16), v_zero=zeros(nb, h, bs, d // 16),
-            eps=zeros(nb, h, dtype=torch.float32), eta=zeros(nb, h, dtype=torch.float32),
+            eps=zeros(nb, h, dtype=torch.float32), kappa=zeros(nb, h, dtype=torch.float32), eta=zeros(nb, h, bs),
             tail_k=zeros(max_seqs, bs, h, d, dtype=self.dtype), tail_v=zeros(max_seqs, bs, h, d, dtype=self.dtype),
             scratch_k=scratch.data["k"], scratch_v=scratch.data["v"], k_slot=scratch.slot["k"],
             v_slot=scratch.slot["v"])
@@ -148,8 +149,9 @@ class TieredKVCache:
     def tier1_bytes(quantizer: Quantizer, head_dim: int, block_size: int) -> float:
         """Per token per KV head per layer: codes, metadata, annotations and scratch lookups (not the fixed-size
         tail buffers and scratch)."""
-        per_block = 2 * 4 + 2 * 8  # eps and eta (float32), k_slot and v_slot (int64)
-        return quantizer.bytes_per_token(head_dim, block_size) + per_block / block_size
+        per_token = 2  # eta (float16)
+        per_block = 2 * 4 + 2 * 8  # eps and kappa (float32), k_slot and v_slot (int64)
+        return quantizer.bytes_per_token(head_dim, block_size) + per_token + per_block / block_size
 
     def tier1_bytes_per_token(self) -> float:
         return self.tier1_bytes(self.quantizer, self.head_dim, self.block_size)
@@ -168,15 +170,27 @@ class TieredKVCache:
         return records
 
     def release(self, request_id: str) -> None:
+        """Frees the request's slot and drops its promoted blocks from every layer's scratch."""
         slot = self.slots.pop(request_id, None)
         if slot is not None:
             self._free_slots.append(slot)
+        blocks = self.blocks.pop(request_id, None)
+        if blocks:
+            index = torch.tensor(blocks, device=self.device)
+            for scratch in self.scratch:
+                scratch.invalidate(index)
+
+    def in_use(self) -> dict[str, int]:
+        """Live per-request state, for leak checks: all zeros once every request has ended."""
+        return {"slots": len(self.slots), "scratch_pieces": sum(s.used() for s in self.scratch),
+                "stats": len(self.stats), "tracked_requests": len(self.blocks)}
 
     # ---- the KVCache seam ---------------------------------------------------------------------------------------
     def prepare(self, batch: ForwardBatch) -> None:
-        for rid, kv in zip(batch.request_ids, batch.kv):
+        for rid, kv, blocks in zip(batch.request_ids, batch.kv, batch.block_ids):
             if rid not in self.slots:
                 self.slots[rid] = self._free_slots.pop()
+            self.blocks[rid] = blocks
             self.register(rid, kv.mode, kv.tolerance)
         batch.cache_meta = StepPlan(write=self._write_plan(batch), **self._decode_plan(batch))
 
@@ -239,8 +253,10 @@ class TieredKVCache:
         k_codes, v_codes = q.quantize_keys(keys), q.quantize_values(values)
         tier1.k_codes[blocks], tier1.k_scale[blocks], tier1.k_zero[blocks] = k_codes.codes, k_codes.scale, k_codes.zero
         tier1.v_codes[blocks], tier1.v_scale[blocks], tier1.v_zero[blocks] = v_codes.codes, v_codes.scale, v_codes.zero
-        tier1.eps[blocks] = error_norms(keys, q.dequantize_keys(k_codes))
-        tier1.eta[blocks] = error_norms(values, q.dequantize_values(v_codes))
+        k_hat = q.dequantize_keys(k_codes)
+        tier1.eps[blocks] = error_norms(keys, k_hat)
+        tier1.kappa[blocks] = channel_error_ratio(keys, k_hat, k_codes.scale)
+        tier1.eta[blocks] = token_error_norms(values, q.dequantize_values(v_codes))
         self.scratch[layer].invalidate(blocks)
 
     def _update_spread(self, layer: int, v: torch.Tensor, plan: WritePlan) -> None:

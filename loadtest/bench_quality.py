@@ -1,0 +1,71 @@
+"""Quality and escalation sweep of the certified cache (prints JSON lines and a markdown table).
+
+For each bit setting, one engine evaluates (engine.evaluate) the quantized baseline and audit mode at each
+tolerance on the same windows of the corpus: perplexity and KL against dense, rung-0 rate, audit violations,
+bound tightness and bytes per token. Audit mode returns exactly what certified mode returns, plus the checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| bits K/V | mode | tolerance | PPL | vs dense | KL | rung 0 | rung 1 | rung 2 | rung 3 | violations | "
+            "median actual/bound | tier-1 bytes vs FP16 |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = []
+    for r in rows:
+        rungs = r["rung_fraction"] or [None] * 5
+        pct = ["-" if x is None else f"{100 * x:.1f}%" for x in rungs[:4]]
+        median = r["median_actual_over_bound"]
+        lines.append(
+            f"| K{r['k_bits']}/V{r['v_bits']} | {r['mode']} | {r['tolerance'] if r['tolerance'] is not None else '-'} | "
+            f"{r['ppl']:.3f} | {r['ppl_delta_pct']:+.2f}% | {r['kl_mean']:.2e} | {' | '.join(pct)} | "
+            f"{r['audit_violations'] if r['audit_violations'] is not None else '-'} | "
+            f"{'-' if median is None else f'{median:.3f}'} | {r['tier1_bytes_per_token_vs_fp16']:.3f} |")
+    return "\n".join([head, *lines])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--text", type=Path, default=ROOT / ".data" / "kjv.txt")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=2048)
+    parser.add_argument("--bits", nargs="+", default=["8/4", "4/4", "4/2"])
+    parser.add_argument("--tolerances", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2])
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+
+    from engine.config import EngineConfig
+    from engine.engine import LLMEngine
+    from engine.evaluate import evaluate, windows_of
+    from engine.request import KVMode, KVPolicy
+
+    rows = []
+    for bits in args.bits:
+        k_bits, v_bits = (int(b) for b in bits.split("/"))
+        engine = LLMEngine(EngineConfig(model=args.model, kv_mode="audit", k_bits=k_bits, v_bits=v_bits,
+                                        threads=args.threads, max_num_seqs=64, max_num_batched_tokens=4096))
+        tokens = engine.tokenizer(args.text.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+        windows = windows_of(tokens, args.window, args.max_tokens)
+        policies = [KVPolicy(KVMode.QUANTIZED, 0.0)] + [KVPolicy(KVMode.AUDIT, t) for t in args.tolerances]
+        for policy in policies:
+            row = evaluate(engine, windows, policy)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
