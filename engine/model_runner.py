@@ -131,4 +131,5 @@ class ModelRunner:
         result = self.model(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
                             logits_to_keep=batch.logits_indices, use_cache=False, forward_batch=batch,
                             kv_cache=self.cache)
+        self.cache.end_step(batch)
         return batch, result.logits[0].float()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.kv.certificate import UNIT_ROUNDOFF, block_deltas, gamma
+from engine.kv.certificate import block_deltas, gamma, spread_around_output
 from engine.kv.quantizers import Codes
 
 
@@ -76,7 +76,8 @@ def paged_attention(q, k_cache, v_cache, batch, scale):
 @dataclass(frozen=True, slots=True)
 class QuantizedLayer:
     """Tier 1 of one layer (device). NB blocks, Hkv KV heads, bs tokens a block, D channels, S sequence slots,
-    C scratch slots. Codes and metadata as engine.kv.quantizers stores them."""
+    C scratch slots. Codes and metadata as engine.kv.quantizers stores them; annotations packed so that one gather
+    fetches each kind."""
 
     k_codes: torch.Tensor  # [NB, Hkv, bs, D * k_bits / 8] uint8
     k_scale: torch.Tensor  # [NB, Hkv, D] float16 (per block and channel)
@@ -84,25 +85,43 @@ class QuantizedLayer:
     v_codes: torch.Tensor  # [NB, Hkv, bs, D * v_bits / 8] uint8
     v_scale: torch.Tensor  # [NB, Hkv, bs, D / 16] float16 (per token and 16-channel group)
     v_zero: torch.Tensor  # [NB, Hkv, bs, D / 16] float16
-    eps: torch.Tensor  # [NB, Hkv] float32: max_j ||k_j - k^_j|| in the block (inf: broken metadata)
-    kappa: torch.Tensor  # [NB, Hkv] float32: max_(j,c) |k_jc - k^_jc| / k_scale_c
-    eta: torch.Tensor  # [NB, Hkv, bs] float16: ||v_j - v^_j|| per token, rounded up
+    block_notes: torch.Tensor  # [NB, Hkv, 2] float32: eps_b = max_j ||k_j - k^_j|| (inf: broken), kappa_b
+    token_notes: torch.Tensor  # [NB, Hkv, bs, 2] float16, rounded up: eta_j = ||v_j - v^_j||, ||v^_j||
+    slots: torch.Tensor  # [NB, Hkv, 2] int32: scratch slots of the block's exact keys and values, -1 if none
     tail_k: torch.Tensor  # [S, bs, Hkv, D] model dtype: each sequence's trailing partial block, exact
     tail_v: torch.Tensor  # [S, bs, Hkv, D]
     scratch_k: torch.Tensor  # [C, bs, D] model dtype: promoted exact key blocks (one KV head each)
     scratch_v: torch.Tensor  # [C, bs, D]
-    k_slot: torch.Tensor  # [NB, Hkv] int64: scratch slot holding the block's exact keys, -1 if none
-    v_slot: torch.Tensor  # [NB, Hkv] int64
+
+    eps = property(lambda self: self.block_notes[..., 0])
+    kappa = property(lambda self: self.block_notes[..., 1])
+    eta = property(lambda self: self.token_notes[..., 0])
+    vnorm = property(lambda self: self.token_notes[..., 1])
+    k_slot = property(lambda self: self.slots[..., 0])
+    v_slot = property(lambda self: self.slots[..., 1])
 
 
 @dataclass(frozen=True, slots=True)
 class DecodeView:
-    """The decoding sequences of one step, shared by all layers."""
+    """The decoding sequences of one step, shared by all layers (make_view builds it)."""
 
     block_tables: torch.Tensor  # [Bd, nb] int64: the full (quantized) blocks of each sequence, padded with 0
     num_full: torch.Tensor  # [Bd] int64: full blocks of each sequence (context // bs)
     tail_lens: torch.Tensor  # [Bd] int64: tokens in the partial block (context % bs)
     slots: torch.Tensor  # [Bd] int64: sequence slots (tail buffers)
+    full: torch.Tensor  # [Bd, nb] bool: block i < num_full
+    valid: torch.Tensor  # [Bd, (nb + 1) * bs] bool: attended positions (full blocks, then the partial block)
+
+    def select(self, index: torch.Tensor) -> DecodeView:
+        return DecodeView(*(getattr(self, name)[index] for name in self.__slots__))
+
+
+def make_view(block_tables, num_full, tail_lens, slots, block_size: int) -> DecodeView:
+    nb, device = block_tables.shape[1], block_tables.device
+    full = torch.arange(nb, device=device)[None, :] < num_full[:, None]
+    partial = torch.arange(block_size, device=device)[None, :] < tail_lens[:, None]
+    valid = torch.cat([full.repeat_interleave(block_size, dim=1), partial], dim=1)
+    return DecodeView(block_tables, num_full, tail_lens, slots, full, valid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,17 +133,16 @@ class DecodeResult:
     probs: torch.Tensor  # [Bd, Hkv, G, nb + 1, bs] float32: p^ (0 on padding)
     rho: torch.Tensor  # [Bd, Hkv, G, nb + 1]: block masses
     val_contrib: torch.Tensor  # [Bd, Hkv, G, nb + 1]: sum_(j in b) p^_j eta_j
-    dev_contrib: torch.Tensor  # [Bd, Hkv, G, nb + 1]: sum_(j in b) p^_j (||v^_j - O|| + eta_j)
+    dev_contrib: torch.Tensor  # [Bd, Hkv, G, nb + 1]: sum_(j in b) p^_j (n_j + ||O|| + eta_j) (W_T' per block)
     block_delta: torch.Tensor  # [Bd, Hkv, G, nb]: Delta_b for blocks of T, 0 for the others
     e_val: torch.Tensor  # sum_j p^_j eta_j
     delta_t: torch.Tensor  # max Delta_b over T
     alpha_t: torch.Tensor  # mass of T
-    w_tail: torch.Tensor  # W_T
-    w_exact: torch.Tensor  # W_P
-    radius_o: torch.Tensor  # max_j (||v^_j - O|| + eta_j)
-    rms: torch.Tensor  # sqrt(sum_j p^_j ||v^_j||^2)
-    score_error: torch.Tensor  # gamma_D tau ||q|| max_j ||k^_j||: the float32 score error bound
-    value_scale: torch.Tensor  # [Bd, Hkv]: max_j ||v^_j||
+    w_all: torch.Tensor  # W' (certificate.spread_around_output)
+    w_tail: torch.Tensor  # W_T'
+    rms: torch.Tensor  # sqrt(sum_j p^_j n_j^2): the RMS norm of the attended values (n_j >= ||v^_j||)
+    score_error: torch.Tensor  # gamma_D tau max_j sum_c |q_c| |k^_jc|: the float32 score error bound
+    value_scale: torch.Tensor  # [Bd, Hkv, 1]: max_j n_j
     broken: torch.Tensor  # [Bd, Hkv] bool: some annotation of a quantized block is not finite (rung 4)
     length: int  # tokens attended per row, padding included (for gamma_L)
 
@@ -133,60 +151,90 @@ def certified_decode(q, layer: QuantizedLayer, view: DecodeView, scale: float, q
     """Certified paged decode attention: dequantized keys/values per block, exact partial and promoted blocks,
     softmax in float32, and the accumulators of DESIGN.md section 3. q [Bd, H, D] -> DecodeResult."""
     batch, heads, dim = q.shape
-    kv_heads, bs = layer.eps.shape[1], layer.tail_k.shape[1]
-    tables, nb = view.block_tables, view.block_tables.shape[1]
-    keys = _blocks(quantizer.dequantize_keys(Codes(layer.k_codes[tables], layer.k_scale[tables],
-                                                   layer.k_zero[tables])), layer.scratch_k, layer.k_slot[tables])
+    kv_heads, bs = layer.tail_k.shape[2], layer.tail_k.shape[1]
+    groups, tables, nb = heads // kv_heads, view.block_tables, view.block_tables.shape[1]
+    slots, k_scale, k_zero = layer.slots[tables], layer.k_scale[tables], layer.k_zero[tables]
+    tail_k, tail_v = layer.tail_k[view.slots], layer.tail_v[view.slots]  # [Bd, bs, Hkv, D]
+    keys = _blocks(quantizer.dequantize_keys(Codes(layer.k_codes[tables], k_scale, k_zero)), layer.scratch_k,
+                   slots[..., 0], tail_k)  # [Bd, Hkv, L, D]
     values = _blocks(quantizer.dequantize_values(Codes(layer.v_codes[tables], layer.v_scale[tables],
-                                                       layer.v_zero[tables])), layer.scratch_v, layer.v_slot[tables])
-    tail_k = layer.tail_k[view.slots].float().permute(0, 2, 1, 3).unsqueeze(2)  # [Bd, Hkv, 1, bs, D]
-    tail_v = layer.tail_v[view.slots].float().permute(0, 2, 1, 3).unsqueeze(2)
-    keys = torch.cat([keys, tail_k], dim=2).flatten(2, 3)  # [Bd, Hkv, (nb + 1) * bs, D]
-    values = torch.cat([values, tail_v], dim=2).flatten(2, 3)
-    block = torch.arange(nb + 1, device=q.device)
-    full = block[None, :] < view.num_full[:, None]  # [Bd, nb + 1]
-    valid = full[:, :, None] | ((block[None, :, None] == nb) & (torch.arange(bs, device=q.device)[None, None, :]
-                                                                 < view.tail_lens[:, None, None]))
-    valid = valid.flatten(1)[:, None, None, :]  # [Bd, 1, 1, L]
-    grouped = q.float().view(batch, kv_heads, heads // kv_heads, dim)
-    probs = torch.softmax((torch.matmul(grouped, keys.transpose(-1, -2)) * scale).masked_fill(~valid, -torch.inf), -1)
+                                                       layer.v_zero[tables])), layer.scratch_v, slots[..., 1], tail_v)
+    grouped = q.float().view(batch, kv_heads, groups, dim)
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(scale).masked_fill_(~view.valid[:, None, None], -torch.inf)
+    probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, values)
-    in_tail = full[:, None, :nb] & (layer.k_slot[tables] < 0).transpose(1, 2)  # [Bd, Hkv, nb]
-    value_quant = full[:, None, :nb] & (layer.v_slot[tables] < 0).transpose(1, 2)
-    eta = torch.where(value_quant[..., None], layer.eta[tables].transpose(1, 2).float(), 0.0)  # [Bd, Hkv, nb, bs]
-    eta = torch.cat([eta, eta.new_zeros(batch, kv_heads, 1, bs)], dim=2).flatten(2)  # partial block: exact
-    eps = torch.where(in_tail, layer.eps[tables].transpose(1, 2), 0.0)
-    q_norm = grouped.norm(dim=-1)
-    block_delta = torch.where(in_tail[:, :, None], block_deltas(q_norm[..., None], eps[:, :, None], torch.matmul(
-        grouped.abs(), layer.k_scale[tables].transpose(1, 2).float().transpose(-1, -2)),
-        layer.kappa[tables].transpose(1, 2)[:, :, None], scale), 0.0)
-    squares = (values * values).sum(dim=-1)  # [Bd, Hkv, L]
-    out_sq = (out * out).sum(dim=-1, keepdim=True)
-    spread = (squares[:, :, None] - 2 * torch.matmul(out, values.transpose(-1, -2)) + out_sq).clamp_min(0)
-    spread = (spread + 8 * UNIT_ROUNDOFF * (squares[:, :, None] + out_sq)).sqrt() + eta[:, :, None]  # >= ||v_j - O||
-    spread = spread * valid[:, 0, None]
-    blocks_of = (batch, kv_heads, heads // kv_heads, nb + 1, bs)
+    out_norm = out.norm(dim=-1)
+    quantized = (view.full[:, :, None, None] & (slots < 0)).transpose(1, 2)  # [Bd, Hkv, nb, 2]: keys, values
+    in_tail = quantized[..., 0]
+    notes = _token_notes(layer.token_notes[tables], quantized[..., 1], tail_v, view)  # [Bd, Hkv, nb + 1, bs, 3]
+    blocks_of = (batch, kv_heads, groups, nb + 1, bs)
+    sums = torch.einsum("bhgkt,bhktc->bhgkc", probs.view(blocks_of), notes)  # per block: p eta, p n, p n^2
     rho = probs.view(blocks_of).sum(dim=-1)
-    dev_contrib = (probs * spread).view(blocks_of).sum(dim=-1)
+    val_contrib, e_val = sums[..., 0], sums[..., 0].sum(dim=-1)
+    square_sum = sums[..., 2].sum(dim=-1)
+    dev_contrib = sums[..., 1] + rho * out_norm[..., None] + val_contrib
     mask = in_tail[:, :, None].float()
-    w_tail = (dev_contrib[..., :nb] * mask).sum(dim=-1)
+    value_scale = notes[..., 1].amax(dim=(2, 3))[..., None]  # [Bd, Hkv, 1]
+    block_notes = layer.block_notes[tables].transpose(1, 2)  # [Bd, Hkv, nb, 2]
+    block_delta, score_error = _key_terms(quantizer, grouped, k_scale, k_zero, block_notes, in_tail,
+                                          slots[..., 0] >= 0, tail_k, view, scale)
     return DecodeResult(
-        out=out, probs=probs.view(blocks_of), rho=rho,
-        val_contrib=(probs * eta[:, :, None]).view(blocks_of).sum(dim=-1), dev_contrib=dev_contrib,
-        block_delta=block_delta, e_val=(probs * eta[:, :, None]).sum(dim=-1),
-        delta_t=block_delta.amax(dim=-1) if nb else q_norm.new_zeros(q_norm.shape),
-        alpha_t=(rho[..., :nb] * mask).sum(dim=-1), w_tail=w_tail, w_exact=dev_contrib.sum(dim=-1) - w_tail,
-        radius_o=spread.amax(dim=-1), rms=(probs * squares[:, :, None]).sum(dim=-1).sqrt(),
-        score_error=gamma(dim) * scale * q_norm * (keys.norm(dim=-1) * valid[:, 0, 0, None]).amax(dim=-1)[..., None],
-        value_scale=(squares * valid[:, 0, 0, None]).amax(dim=-1).sqrt(),
-        broken=~(torch.isfinite(eps).all(dim=-1) & torch.isfinite(eta).all(dim=-1)),
+        out=out, probs=probs.view(blocks_of), rho=rho, val_contrib=val_contrib, dev_contrib=dev_contrib,
+        block_delta=block_delta, e_val=e_val,
+        delta_t=block_delta.amax(dim=-1) if nb else out_norm.new_zeros(out_norm.shape),
+        alpha_t=(rho[..., :nb] * mask).sum(dim=-1),
+        w_all=spread_around_output(square_sum, out_norm, e_val, value_scale, (nb + 1) * bs, dim),
+        w_tail=(dev_contrib[..., :nb] * mask).sum(dim=-1), rms=square_sum.sqrt(), score_error=score_error,
+        value_scale=value_scale,
+        broken=~(torch.isfinite(torch.where(in_tail, block_notes[..., 0], 0.0)).all(dim=-1)
+                 & torch.isfinite(notes).all(dim=(2, 3, 4))),
         length=(nb + 1) * bs,
     )
 
 
-def _blocks(dequantized, scratch, slots):
-    """[Bd, nb, Hkv, bs, D] dequantized blocks with promoted ones replaced from the scratch -> [Bd, Hkv, nb, bs, D]."""
+def _token_notes(stored, value_quant, tail_v, view):
+    """Per attended position [Bd, Hkv, nb + 1, bs, 3]: eta_j (0 where values are exact), n_j >= the norm of the value
+    attention reads (||v^_j||, + eta_j for promoted blocks, the exact norm in the partial block), n_j^2; 0 on padding."""
+    batch, nb, kv_heads, bs, _ = stored.shape
+    stored = stored.transpose(1, 2).float()  # [Bd, Hkv, nb, bs, 2]
+    notes = torch.empty(batch, kv_heads, nb + 1, bs, 3, device=stored.device)
+    eta = stored[..., 0]
+    notes[:, :, :nb, :, 0] = eta * value_quant[..., None]
+    notes[:, :, :nb, :, 1] = torch.where(value_quant[..., None], stored[..., 1], stored[..., 1] + eta)
+    notes[:, :, nb, :, 0] = 0.0
+    notes[:, :, nb, :, 1] = tail_v.float().norm(dim=-1).transpose(1, 2)
+    notes.mul_(view.valid.view(batch, 1, nb + 1, bs, 1))
+    notes[..., 2] = notes[..., 1] * notes[..., 1]
+    return notes
+
+
+def _key_terms(quantizer, grouped, k_scale, k_zero, block_notes, in_tail, promoted, tail_k, view, scale):
+    """(Delta_b per block [Bd, Hkv, G, nb], the float32 score error bound [Bd, Hkv, G]) from the metadata: one
+    contraction of |q| with each block's scales and |zeros| gives sum_c |q_c| step_c (Delta's channel form) and a
+    bound of sum_c |q_c| |k^_jc|; exact keys of promoted blocks obey |k_jc| <= |k^_jc| + kappa_b step_c."""
+    nb = k_scale.shape[1]
+    q_abs = grouped.abs()
+    dots = torch.einsum("bhgd,bnhcd->bhgnc", q_abs, torch.stack([k_scale, k_zero.abs()], dim=3).float())
+    step_dot, magnitude = quantizer.key_dots(dots[..., 0], dots[..., 1], q_abs.sum(dim=-1, keepdim=True))
+    eps, kappa = block_notes[..., 0][:, :, None], block_notes[..., 1][:, :, None]
+    q_norm = grouped.norm(dim=-1)
+    block_delta = torch.where(in_tail[:, :, None], block_deltas(q_norm[..., None], eps, step_dot, kappa, scale), 0.0)
+    magnitude = magnitude + torch.nan_to_num(kappa * step_dot, nan=torch.inf) * promoted.transpose(1, 2)[:, :, None]
+    magnitude = torch.where(view.full[:, None, None, :], magnitude, 0.0)
+    partial = view.valid[:, -tail_k.shape[1]:][:, None, :]  # [Bd, 1, bs]
+    tail_norm = (tail_k.float().norm(dim=-1).transpose(1, 2) * partial).amax(dim=-1)  # [Bd, Hkv]
+    largest = torch.maximum(magnitude.amax(dim=-1) if nb else q_norm * 0, q_norm * tail_norm[..., None])
+    return block_delta, gamma(grouped.shape[-1]) * scale * largest
+
+
+def _blocks(dequantized, scratch, slots, tail):
+    """Dequantized blocks [Bd, nb, Hkv, bs, D] with promoted ones replaced from the scratch, then the exact partial
+    block tail [Bd, bs, Hkv, D] -> [Bd, Hkv, (nb + 1) * bs, D] float32."""
     promoted = slots >= 0
     if bool(promoted.any()):
         dequantized[promoted] = scratch[slots[promoted]].float()
-    return dequantized.transpose(1, 2)
+    batch, nb, kv_heads, bs, dim = dequantized.shape
+    blocks = torch.empty(batch, kv_heads, nb + 1, bs, dim, device=dequantized.device)
+    blocks[:, :, :nb] = dequantized.transpose(1, 2)
+    blocks[:, :, nb] = tail.transpose(1, 2)
+    return blocks.view(batch, kv_heads, (nb + 1) * bs, dim)

@@ -41,14 +41,13 @@ def summarize(name: str, n: int, wall: float, ttfts: list[float], gaps: list[flo
     }
 
 
-def bench_engine(model: str, batch: list[list[int]], new: int, threads: int) -> dict:
+def bench_engine(model: str, batch: list[list[int]], new: int, threads: int, kv_mode: str = "dense") -> dict:
     from engine.config import EngineConfig
     from engine.engine import LLMEngine
-    from engine.request import SamplingParams, StoppingParams
 
-    engine = LLMEngine(EngineConfig(model=model, threads=threads, max_num_seqs=64))
+    engine = LLMEngine(EngineConfig(model=model, threads=threads, max_num_seqs=64, kv_mode=kv_mode))
     _run_engine(engine, prompts(2, 8, seed=1), 4)  # warm-up
-    return _run_engine(engine, batch, new, name="engine")
+    return _run_engine(engine, batch, new, name=f"engine-{kv_mode}")
 
 
 def _run_engine(engine, batch, new, name="warmup"):
@@ -99,7 +98,7 @@ def bench_hf(model_dir: str, batch: list[list[int]], new: int, threads: int) -> 
     return _summary("hf-generate", len(batch), start, per_request, new)
 
 
-def bench_grpc(model: str, batch: list[list[int]], new: int, threads: int) -> dict:
+def bench_grpc(model: str, batch: list[list[int]], new: int, threads: int, kv_mode: str = "dense") -> dict:
     import grpc
 
     from server.pb.certkv.v1 import inference_pb2 as pb
@@ -107,7 +106,7 @@ def bench_grpc(model: str, batch: list[list[int]], new: int, threads: int) -> di
 
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--model", model,
-                               "--threads", str(threads), "--log-level", "WARNING"], cwd=ROOT)
+                               "--threads", str(threads), "--kv-mode", kv_mode, "--log-level", "WARNING"], cwd=ROOT)
     try:
         _wait_serving(port, server)
 
@@ -128,7 +127,7 @@ def bench_grpc(model: str, batch: list[list[int]], new: int, threads: int) -> di
                 return start, results
 
         start, results = asyncio.run(run())
-        return _summary("grpc", len(batch), start, results, new)
+        return _summary(f"grpc-{kv_mode}", len(batch), start, results, new)
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -174,6 +173,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--systems", nargs="+", default=["engine", "grpc", "hf"], choices=["engine", "grpc", "hf"])
+    parser.add_argument("--kv-modes", nargs="+", default=["dense", "certified"],
+                        help="KV modes for the engine and grpc systems (hf always runs its own dense cache)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     from engine.weights import resolve_model
@@ -183,10 +184,12 @@ def main() -> None:
     for n in args.concurrency:
         batch = prompts(n, args.prompt_tokens)
         for system in args.systems:
-            bench = {"engine": bench_engine, "grpc": bench_grpc, "hf": bench_hf}[system]
-            row = bench(model_dir, batch, args.new_tokens, args.threads)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            runs = [(bench_hf, {})] if system == "hf" else [
+                (bench_engine if system == "engine" else bench_grpc, {"kv_mode": mode}) for mode in args.kv_modes]
+            for bench, extra in runs:
+                row = bench(model_dir, batch, args.new_tokens, args.threads, **extra)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     meta = {"machine": f"{os.cpu_count()} CPU cores", "threads": args.threads, "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens, "model": model_dir}
     print(json.dumps({"meta": meta}))

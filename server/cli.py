@@ -8,7 +8,7 @@ import sys
 
 import uvloop
 
-from engine.config import DEVICES, DTYPES, EngineConfig, parse_bytes
+from engine.config import DEFAULT_TOLERANCE, DEVICES, DTYPES, KV_MODES, EngineConfig, parse_bytes
 from server.config import ServerConfig
 
 
@@ -25,13 +25,26 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
     model.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     engine = p.add_argument_group("engine")
-    engine.add_argument("--kv-cache-memory", type=parse_bytes, default="1GiB", help="bytes of KV blocks")
+    engine.add_argument("--kv-cache-memory", type=parse_bytes, default="1GiB",
+                        help="device bytes of KV blocks (tier 1 with the tiered cache)")
     engine.add_argument("--num-kv-blocks", type=int, default=None, help="overrides --kv-cache-memory")
     engine.add_argument("--block-size", type=int, default=16, choices=(8, 16, 32))
     engine.add_argument("--max-num-seqs", type=int, default=64, help="requests per batch")
     engine.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per forward pass")
     engine.add_argument("--max-model-len", type=int, default=None, help="context cap (default: the model's)")
     engine.add_argument("--max-new-tokens-default", type=int, default=256)
+    kv = p.add_argument_group("certified KV cache")
+    kv.add_argument("--kv-mode", choices=KV_MODES, default="certified",
+                    help="dense: plain paged cache; others: the tiered cache, and the mode of requests that set none")
+    kv.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                    help="relative error certified by default (requests may set their own)")
+    kv.add_argument("--k-bits", type=int, choices=(8, 4), default=8)
+    kv.add_argument("--v-bits", type=int, choices=(4, 2), default=4)
+    kv.add_argument("--quantizer", default="minmax")
+    kv.add_argument("--scratch-blocks", type=int, default=512,
+                    help="promoted exact (block, KV head) pieces kept on the device per layer, keys and values each")
+    kv.add_argument("--shadow-memory", type=parse_bytes, default="2GiB",
+                    help="host bytes for tier-2 shadows; with --kv-cache-memory it caps the number of blocks")
     limits = p.add_argument_group("admission and lifecycle")
     limits.add_argument("--max-pending-requests", type=int, default=256, help="beyond: RESOURCE_EXHAUSTED")
     limits.add_argument("--max-prompt-chars", type=int, default=1 << 20)
@@ -51,7 +64,9 @@ def configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
         model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        max_new_tokens_default=args.max_new_tokens_default, threads=args.threads)
+        max_new_tokens_default=args.max_new_tokens_default, threads=args.threads, kv_mode=args.kv_mode,
+        tolerance=args.tolerance, k_bits=args.k_bits, v_bits=args.v_bits, quantizer=args.quantizer,
+        scratch_blocks=args.scratch_blocks, shadow_memory=args.shadow_memory)
     return server, engine
 
 

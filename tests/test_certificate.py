@@ -48,12 +48,12 @@ def certify_case(q, k, k_hat, v, v_hat, promoted, scale):
     alpha_t = probs[token_tail].sum()
     centre = v[:BS].float().mean(0)
     radius = round_up((v.float() - centre).norm(dim=-1).max())
-    spread = (value_used.float() - out).norm(dim=-1) * (1 + 1e-6) + eta
-    w_tail = (probs * spread)[token_tail].sum()
-    w_exact = (probs * spread)[~token_tail].sum()
-    score_error = cert.gamma(dim) * scale * q.float().norm() * key_used.float().norm(dim=-1).max()
-    terms = cert.bound_terms((probs * eta).sum(), delta_t, alpha_t, radius, spread.max(), w_tail, w_exact,
-                             score_error, value_used.float().norm(dim=-1).max(), length, dim)
+    norms = round_up(value_used.float().norm(dim=-1))  # n_j >= ||value attention reads||
+    e_val = (probs * eta).sum()
+    w_all = cert.spread_around_output((probs * norms * norms).sum(), out.norm(), e_val, norms.max(), length, dim)
+    w_tail = (probs * (norms + out.norm() + eta))[token_tail].sum()
+    score_error = cert.gamma(dim) * scale * (q.float().abs() @ key_used.float().abs().T).max()
+    terms = cert.bound_terms(e_val, delta_t, alpha_t, radius, w_all, w_tail, score_error, norms.max(), length, dim)
     reference = torch.softmax((k.double() @ q.double()) * scale, dim=0) @ v.double()
     return (out.double() - reference).norm().item(), terms
 
@@ -147,10 +147,10 @@ def test_radius_over_tail_only_would_be_unsound():
 def test_each_key_form_can_be_the_tightest():
     """Small Delta: the attention-weighted spread wins; a tiny tail mass: the tail-mass form of the TV bound."""
     delta, radius = torch.tensor(0.05), torch.tensor(10.0)
-    spread_form = cert.key_error(delta, torch.tensor(0.9), radius, radius, torch.tensor(1.0), torch.tensor(0.1))
+    spread_form = cert.key_error(delta, torch.tensor(0.9), radius, torch.tensor(1.0), torch.tensor(0.9))
     assert spread_form < cert.softmax_tv_bound(delta, torch.tensor(0.9)) * 2 * radius
     big = torch.tensor(3.0)
-    tail_form = cert.key_error(big, torch.tensor(1e-4), radius, radius, torch.tensor(5.0), torch.tensor(5.0))
+    tail_form = cert.key_error(big, torch.tensor(1e-4), radius, torch.tensor(10.0), torch.tensor(5.0))
     assert tail_form == cert.softmax_tv_bound(big, torch.tensor(1e-4)) * 2 * radius
 
 

@@ -71,6 +71,7 @@ BAD = [
     ("sampling.repetition_penalty", pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(repetition_penalty=0))),
     ("top_logprobs", pb.GenerateRequest(prompt="x", top_logprobs=50)),
     ("kv.mode", pb.GenerateRequest(prompt="x", kv=pb.KVPolicy(mode=42))),
+    ("kv.mode", pb.GenerateRequest(prompt="x", kv=pb.KVPolicy(mode=pb.CERTIFIED))),  # the server runs dense
     ("request_id", pb.GenerateRequest(prompt="x", request_id="r" * 200)),
 ]
 

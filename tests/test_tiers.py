@@ -52,7 +52,9 @@ class Harness:
         k_all = torch.cat([k for k, _ in chunks.values()])
         v_all = torch.cat([v for _, v in chunks.values()])
         q = q if q is not None else torch.randn(len(k_all), HKV * G, D, generator=self.gen)
-        return batch, self.cache.forward(0, q, k_all, v_all, batch, D ** -0.5)
+        out = self.cache.forward(0, q, k_all, v_all, batch, D ** -0.5)
+        self.cache.end_step(batch)
+        return batch, out
 
     def reference(self, rid: str, q: torch.Tensor) -> torch.Tensor:
         """float64 attention of q [H, D] over the sequence's exact K/V -> [Hkv, G, D]."""
@@ -147,7 +149,9 @@ def test_broken_metadata_goes_to_rung_4():
     h = Harness(8, 4, seed=4)
     policy = KVPolicy(KVMode.CERTIFIED, 0.05)
     h.step({"a": random_kv(h.gen, 40)}, policy)
-    h.cache.layers[0].eps[h.tables["a"][0]] = float("inf")  # corrupt annotation
+    block = torch.tensor([h.tables["a"][0]])
+    h.cache.scratch[0].invalidate(block)  # its exact copy is gone: attention reads the quantized block
+    h.cache.layers[0].eps[block] = float("inf")  # corrupt annotation
     q = torch.randn(1, HKV * G, D, generator=h.gen)
     _, out = h.step({"a": random_kv(h.gen, 1)}, policy, q=q)
     assert h.cache.stats["a"].rungs[4] == HKV * G
@@ -174,17 +178,33 @@ def test_release_returns_slots():
     assert sorted(h.cache._free_slots) == list(range(4))
 
 
-def test_scratch_lru_and_invalidation():
+def test_scratch_evicts_the_least_attended_piece():
     scratch = Scratch(2, num_blocks=8, kv_heads=2, block_size=BS, head_dim=D, dtype=torch.float32,
                       device=torch.device("cpu"))
     data = torch.randn(3, BS, D)
-    scratch.put("k", [1, 2], 0, data[:2])
-    scratch.put("k", [1], 0, data[:1])  # touch 1: block 2 becomes the oldest
-    scratch.put("k", [3], 1, data[2:])
+    scratch.put("k", torch.tensor([1, 2]), torch.tensor([0, 0]), data[:2])
+    tables, full = torch.tensor([[1, 2]]), torch.tensor([[True, True]])
+    for _ in range(30):  # block 1 keeps being attended, block 2 barely: its score decays
+        scratch.touch(tables, full, torch.tensor([[[0.9, 0.0], [0.01, 0.0]]]))
+    scratch.put("k", torch.tensor([3]), torch.tensor([1]), data[2:])
     assert scratch.slot["k"][2, 0] == -1 and scratch.slot["k"][1, 0] >= 0 and scratch.slot["k"][3, 1] >= 0
     assert torch.equal(scratch.data["k"][scratch.slot["k"][3, 1]], data[2])
     scratch.invalidate(torch.tensor([3]))
     assert scratch.slot["k"][3, 1] == -1 and scratch.used() == 1
+    scratch.put("k", torch.tensor([1, 5]), torch.tensor([0, 0]), data[:2])  # re-put of a held piece + a new one
+    assert scratch.used() == 2 and torch.equal(scratch.data["k"][scratch.slot["k"][1, 0]], data[0])
+
+
+def test_filled_blocks_stay_exact_while_attended():
+    h = Harness(4, 2, seed=12)
+    policy = KVPolicy(KVMode.CERTIFIED, 0.1)
+    h.step({"a": random_kv(h.gen, 15)}, policy)
+    h.step({"a": random_kv(h.gen, 1)}, policy)  # the first block fills: kept exact, no tier-2 fetch
+    block = h.tables["a"][0]
+    layer = h.cache.layers[0]
+    assert (layer.k_slot[block] >= 0).all() and (layer.v_slot[block] >= 0).all()
+    assert torch.equal(layer.scratch_k[layer.k_slot[block, 1]], h.keys["a"][:BS, 1])
+    assert not h.cache.records
 
 
 def test_tier1_bytes_per_token_meet_the_promise():
@@ -205,13 +225,14 @@ def test_twin_equals_brute_force(n):
     layer, quant, length = h.cache.layers[0], h.cache.quantizer, n + 1
     full = length // BS
     keys, values = h.keys["a"].clone(), h.values["a"].clone()
-    for b, block in enumerate(h.tables["a"][:full]):
+    for b, block in enumerate(h.tables["a"][:full]):  # quantized blocks read their codes, held ones stay exact
         sl = slice(b * BS, (b + 1) * BS)
-        k_codes = type(quant.quantize_keys(keys[sl][None]))
-        keys[sl] = quant.dequantize_keys(k_codes(layer.k_codes[block], layer.k_scale[block],
-                                                 layer.k_zero[block])).transpose(0, 1)
-        values[sl] = quant.dequantize_values(k_codes(layer.v_codes[block], layer.v_scale[block],
-                                                     layer.v_zero[block])).transpose(0, 1)
+        codes = type(quant.quantize_keys(keys[sl][None]))
+        deq_k = quant.dequantize_keys(codes(layer.k_codes[block], layer.k_scale[block], layer.k_zero[block]))
+        deq_v = quant.dequantize_values(codes(layer.v_codes[block], layer.v_scale[block], layer.v_zero[block]))
+        held_k, held_v = layer.k_slot[block] >= 0, layer.v_slot[block] >= 0  # [Hkv]
+        keys[sl] = torch.where(held_k[None, :, None], keys[sl], deq_k.transpose(0, 1))
+        values[sl] = torch.where(held_v[None, :, None], values[sl], deq_v.transpose(0, 1))
     probs = torch.softmax(torch.einsum("hgd,lhd->hgl", q[0].view(HKV, G, D), keys) * D ** -0.5, dim=-1)
     expected = torch.einsum("hgl,lhd->hgd", probs, values)
     assert torch.allclose(out[0].view(HKV, G, D), expected, atol=1e-5), (out[0].view(HKV, G, D) - expected).abs().max()

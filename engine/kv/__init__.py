@@ -19,6 +19,9 @@ class KVCache(Protocol):
                 scale: float) -> torch.Tensor:
         """q [T, H, D], k and v [T, Hkv, D] (post-RoPE) -> attention output [T, H, D]."""
 
+    def end_step(self, batch: ForwardBatch) -> None:
+        """Called once after the forward pass (per-step bookkeeping)."""
+
     def release(self, request_id: str) -> None:
         """The request finished or was preempted: drop any per-sequence state (its blocks are freed elsewhere)."""
 

@@ -11,19 +11,21 @@ E_val = sum_j p^_j eta_j with eta_j >= ||v_j - v^_j|| measured per token at writ
 E_key bounds ||sum (p^_j - p_j) v_j||. Key errors move each score by delta_j = tau q.(k^_j - k_j), |delta_j| <= Delta_b in
 block b of T, 0 on P, with Delta_b = tau min(||q|| eps_b, kappa_b sum_c |q_c| s_bc) (eps_b: the block's largest key
 error norm; kappa_b: its largest per-channel error in units of the channel's scale s_bc). Delta_T = max over T. Since
-sum p^ = sum p = 1, any centre c can be subtracted from the values, and three bounds hold; E_key is their minimum:
+sum p^ = sum p = 1, any centre c can be subtracted from the values, and E_key is the smaller of two bounds:
   (a) TV(p, p^) * 2 R with R = max_j ||v_j - c|| over EVERY token for the sequence's centre c, TV <=
       min(tanh(Delta_T / 2), alpha^_T (e^Delta_T - 1)) (alpha^_T: the computed mass of T);
-  (b) the same with c = O: R_O = max_j (||v^_j - O|| + eta_j);
   (c) per token, p_j / p^_j = e^-delta_j * Z^/Z and Z/Z^ = sum p^_j e^-delta_j lies in [m_lo, m_hi] =
       [1 - alpha^_T (1 - e^-Delta_T), 1 + alpha^_T (e^Delta_T - 1)], so |p^_j - p_j| <= u_T p^_j on T and u_P p^_j on P,
-      u_T = max(e^Delta_T / m_lo - 1, 1 - e^-Delta_T / m_hi), u_P = max(1 / m_lo - 1, 1 - 1 / m_hi); with c = O this
-      gives u_T W_T + u_P W_P, W_X = sum_(j in X) p^_j (||v^_j - O|| + eta_j): the attention-weighted spread.
+      u_T = max(e^Delta_T / m_lo - 1, 1 - e^-Delta_T / m_hi), u_P = max(1 / m_lo - 1, 1 - 1 / m_hi) <= u_T. With c = O:
+      ||.|| <= u_T W_T + u_P W_P <= u_T min(W_T', W') + u_P W', where W_X = sum_(j in X) p^_j ||v_j - O|| and, from
+      ||v_j - O|| <= ||v^_j - O|| + eta_j and stored norms n_j >= ||v^_j||:
+        W' = sqrt(sum p^_j n_j^2 - ||O||^2) + E_val   (Jensen, since sum p^_j v^_j = O)
+        W_T' = sum_(j in T) p^_j (n_j + ||O|| + eta_j)   (triangle inequality).
 E_fp = floating-point slack of the kernel and of this arithmetic (fp_slack below). KL(p || p^) <= Delta_T^2 / 2.
 
 Accepted ("certified") when E_val + E_key + E_fp <= tolerance * max(||O|| - bound, floor) with floor = FLOOR_FRACTION
-times the RMS norm of the attended values, sqrt(sum p^_j ||v^_j||^2) (>= ||O||): the error is at most `tolerance`
-times the larger of the reference output's norm and the typical norm of what the head averages.
+times the RMS norm of the attended values, sqrt(sum p^_j n_j^2) (>= ||O||): the error is at most `tolerance` times the
+larger of the reference output's norm and the typical norm of what the head averages.
 """
 
 from __future__ import annotations
@@ -74,19 +76,28 @@ def ratio_bounds(delta_t: torch.Tensor, alpha_t: torch.Tensor) -> tuple[torch.Te
     return u_tail, u_exact
 
 
-def key_error(delta_t, alpha_t, radius, radius_o, w_tail, w_exact) -> torch.Tensor:
-    """E_key = min of forms (a), (b), (c)."""
-    spread = softmax_tv_bound(delta_t, alpha_t) * 2 * torch.minimum(radius, radius_o)
+def key_error(delta_t, alpha_t, radius, w_all, w_tail) -> torch.Tensor:
+    """E_key = min of forms (a) and (c); w_all = W', w_tail = W_T'."""
+    spread = softmax_tv_bound(delta_t, alpha_t) * 2 * radius
     u_tail, u_exact = ratio_bounds(delta_t, alpha_t)
-    deviation = u_tail * w_tail + u_exact * w_exact
-    return torch.minimum(spread, torch.nan_to_num(deviation, nan=float("inf")))
+    deviation = u_tail * torch.minimum(w_tail, w_all) + u_exact * w_all
+    return torch.minimum(spread, torch.nan_to_num(deviation, nan=torch.inf))
+
+
+def spread_around_output(norm_sq: torch.Tensor, out_norm: torch.Tensor, e_val: torch.Tensor, value_scale, length: int,
+                         head_dim: int) -> torch.Tensor:
+    """W' = sqrt(sum p^_j n_j^2 - ||O||^2) + E_val, with slack for the float32 rounding of both sums (a computed O
+    within gamma * value_scale of the exact one moves ||O||^2 by at most 2 ||O|| gamma value_scale)."""
+    g = gamma(length + head_dim)
+    variance = (norm_sq - out_norm * out_norm).clamp_min(0) + 2 * g * (norm_sq + out_norm * value_scale)
+    return variance.sqrt() + e_val
 
 
 def fp_slack(bound: torch.Tensor, score_error: torch.Tensor, value_scale: torch.Tensor, length: int,
              head_dim: int) -> torch.Tensor:
     """E_fp: a relative margin on the bound plus the float32 error of computing O from p^ and v^.
 
-    score_error bounds |fl(s_j) - s_j| (gamma_D tau ||q|| max_j ||k^_j||); a score perturbation of d moves the
+    score_error bounds |fl(s_j) - s_j| (gamma_D tau max_j sum_c |q_c| |k^_jc|); a score perturbation of d moves the
     weights by at most tanh(d) in total variation, and exp/normalisation add a few roundings per weight, so the
     weights cost (2 d + 8 u) * value_scale; the weighted sum of L vectors costs gamma_(L + D) * value_scale.
     value_scale bounds max_j ||v^_j||."""
@@ -94,10 +105,10 @@ def fp_slack(bound: torch.Tensor, score_error: torch.Tensor, value_scale: torch.
     return RELATIVE_MARGIN * bound + (weights + gamma(length + head_dim)) * value_scale
 
 
-def bound_terms(e_val, delta_t, alpha_t, radius, radius_o, w_tail, w_exact, score_error, value_scale, length: int,
+def bound_terms(e_val, delta_t, alpha_t, radius, w_all, w_tail, score_error, value_scale, length: int,
                 head_dim: int) -> BoundTerms:
     """All terms for a batch of heads (tensors broadcast together), from the kernel's accumulators."""
-    e_key = key_error(delta_t, alpha_t, radius, radius_o, w_tail, w_exact)
+    e_key = key_error(delta_t, alpha_t, radius, w_all, w_tail)
     e_fp = fp_slack(e_val + e_key, score_error, value_scale, length, head_dim)
     return BoundTerms(e_val, e_key, e_fp)
 

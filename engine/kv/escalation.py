@@ -2,13 +2,14 @@
 
 Groups are (sequence, KV head): promotions are shared by the group's query heads. A group leaves rung 0 when any of
 its certified/audit heads is over its threshold. Then:
-  rung 1  values alone can fit: promote value blocks greedily by rho_b * eta_b until E_val fits what E_key and
+  rung 1  values alone can fit: promote value blocks greedily by sum p^_j eta_j until E_val fits what E_key and
           E_fp leave;
   rung 2  otherwise: promote key blocks greedily by mass until the predicted E_key fits half the budget, and value
           blocks until E_val fits the other half;
 both promote exact blocks from tier 2 into the scratch and re-run the same certified kernel for the affected
 sequences (one batched call), which re-certifies with the new exact set.
-  rung 3  still over, too many blocks to promote, or a non-finite output or bound: dense attention from tier 2;
+  rung 3  still over, no promotion can fit, the layer's promotions for this step would exceed half the scratch,
+          or a non-finite output or bound: dense attention from tier 2;
   rung 4  a block's annotations are not finite (broken metadata): dense attention for the sequence's whole layer.
 Accepted outputs of other groups are never replaced. Audit requests also get the float64 reference.
 """
@@ -24,12 +25,15 @@ from engine.kv import certificate as cert
 from engine.kv.stats import RATIO_BINS, EscalationRecord, ratio_bins
 from engine.request import KVMode
 from kernels import certified_decode, decode_attention
-from kernels.reference import DecodeResult, DecodeView
+from engine.kv.quantizers import Codes
+from kernels.reference import DecodeResult
 
 if TYPE_CHECKING:
     from engine.kv.tiers import StepPlan, TieredKVCache
 
 CERTIFYING = (KVMode.CERTIFIED, KVMode.AUDIT)
+VALUE_ONLY = 0.9  # rung 1 when E_key uses at most this share of the budget
+HEADROOM = 0.5  # promotions aim at this share of the budget, leaving slack so the next steps certify too
 
 
 def check(result: DecodeResult, radius: torch.Tensor, tolerance: torch.Tensor):
@@ -41,9 +45,8 @@ def check(result: DecodeResult, radius: torch.Tensor, tolerance: torch.Tensor):
 
 
 def terms_of(result: DecodeResult, radius: torch.Tensor) -> cert.BoundTerms:
-    return cert.bound_terms(result.e_val, result.delta_t, result.alpha_t, radius[..., None], result.radius_o,
-                            result.w_tail, result.w_exact, result.score_error, result.value_scale[..., None],
-                            result.length, result.out.shape[-1])
+    return cert.bound_terms(result.e_val, result.delta_t, result.alpha_t, radius[..., None], result.w_all,
+                            result.w_tail, result.score_error, result.value_scale, result.length, result.out.shape[-1])
 
 
 class Ladder:
@@ -58,9 +61,9 @@ class Ladder:
         bound, limit = check(result, radius, tol)
         out = result.out
         rung = torch.zeros(out.shape[:2], dtype=torch.int64, device=out.device)  # per group
-        certifying = torch.tensor([m in CERTIFYING for m in plan.modes], device=out.device)
+        certifying = plan.certifying
         over = certifying[:, None] & ~(bound <= limit).all(dim=-1)
-        broken = certifying & (result.broken.any(dim=-1) | ~torch.isfinite(result.value_scale).all(dim=-1))
+        broken = certifying & result.broken.any(dim=-1)
         if bool(over.any()) or bool(broken.any()):
             self._escalate(layer, q, result, plan, batch, scale, radius, tol, over & ~broken[:, None], broken,
                            (out, bound, limit, rung))
@@ -72,20 +75,26 @@ class Ladder:
     def _escalate(self, layer, q, result, plan, batch, scale, radius, tol, over, broken, state):
         out, bound, limit, rung = state
         cache, view = self.cache, plan.view
-        planned, moved = {}, {}
+        rerun, exact, moved = {}, set(), {}
         terms = terms_of(result, radius)
+        before = bound.amax(dim=-1).clone()
+        allowance = cache.scratch[layer].capacity // 2  # promotions per layer and step: no churn within a step
         for i, h in over.nonzero().tolist():
             choice = self._plan_group(layer, result, terms, view, i, h, limit[i, h], radius[i, h])
-            if choice is not None:
-                values, keys = choice
-                bytes_v, secs_v = cache.promote(layer, "v", values, h)
-                bytes_k, secs_k = cache.promote(layer, "k", keys, h)
-                planned[(i, h)] = 2 if keys else 1
-                moved[(i, h)] = (len(values) + len(keys), bytes_v + bytes_k, secs_v + secs_k)
-        before = bound.amax(dim=-1).clone()
-        exact = {(i, h) for i, h in over.nonzero().tolist() if (i, h) not in planned}
-        if planned:
-            exact |= self._rerun(layer, q, view, scale, radius, tol, planned, state)
+            if choice is None or len(choice[0]) + len(choice[1]) > allowance:
+                exact.add((i, h))
+                continue
+            values, keys = choice
+            allowance -= len(values) + len(keys)
+            bytes_v, secs_v = cache.promote(layer, "v", [b for _, b in values], h)
+            bytes_k, secs_k = cache.promote(layer, "k", keys, h)
+            moved[(i, h)] = (len(values) + len(keys), bytes_v + bytes_k, secs_v + secs_k)
+            if keys:
+                rerun[(i, h)] = 2
+            elif not self._correct_values(layer, result, terms, i, h, values, tol[i], state):
+                exact.add((i, h))
+        if rerun:
+            exact |= self._rerun(layer, q, view, scale, radius, tol, rerun, state)
         exact |= {(i, h) for i in broken.nonzero().flatten().tolist() for h in range(out.shape[1])}
         if exact:
             for group, (blocks, nbytes, seconds) in self._exact(layer, q, plan, batch, scale, exact, broken,
@@ -98,12 +107,35 @@ class Ladder:
             cache.records.append(record)
             cache.stats[record.request_id].add_record(record)
 
+    def _correct_values(self, layer, result, terms, i, h, values, tol, state) -> bool:
+        """Rung 1 in place: the weights p^ do not change when values become exact, so
+        O += sum_(j in promoted) p^_j (v_j - v^_j) and E_val loses exactly those blocks' contributions. E_key stays
+        valid (its radii bound ||v_j - O_old|| and any centre may be used); E_fp gains the correction's rounding."""
+        out, bound, limit, rung = state
+        cache, tier1 = self.cache, self.cache.layers[layer]
+        positions = torch.tensor([p for p, _ in values], device=out.device)
+        blocks = torch.tensor([b for _, b in values], device=out.device)
+        exact = tier1.scratch_v[tier1.v_slot[blocks, h]].float()  # [k, bs, D], promoted just before
+        approx = cache.quantizer.dequantize_values(Codes(tier1.v_codes[blocks, h], tier1.v_scale[blocks, h],
+                                                         tier1.v_zero[blocks, h]))
+        weights = result.probs[i, h][:, positions]  # [G, k, bs]
+        out[i, h] += torch.einsum("gkt,ktd->gd", weights, exact - approx)
+        removed = result.val_contrib[i, h][:, positions].sum(dim=-1)
+        e_val = (terms.e_val[i, h] - removed).clamp_min(0)
+        e_fp = terms.e_fp[i, h] + cert.gamma(weights.shape[1] * weights.shape[2] + out.shape[-1]) * removed
+        new_bound = e_val + terms.e_key[i, h] + e_fp
+        new_limit = cert.threshold(out[i, h].norm(dim=-1), new_bound, result.rms[i, h], tol)
+        if not bool((new_bound <= new_limit).all()):
+            return False
+        bound[i, h], limit[i, h], rung[i, h] = new_bound, new_limit, 1
+        return True
+
     def _rerun(self, layer, q, view, scale, radius, tol, planned, state) -> set:
         """Re-certifies the planned groups with their promoted blocks; returns the groups that still fail."""
         out, bound, limit, rung = state
         seqs = sorted({i for i, _ in planned})
         index = torch.tensor(seqs, device=q.device)
-        sub = DecodeView(view.block_tables[index], view.num_full[index], view.tail_lens[index], view.slots[index])
+        sub = view.select(index)
         result = certified_decode(q[index], self.cache.layers[layer], sub, scale, self.cache.quantizer)
         new_bound, new_limit = check(result, radius[index], tol[index])
         failed = set()
@@ -134,7 +166,7 @@ class Ladder:
         return moved
 
     def _plan_group(self, layer, result, terms, view, i, h, limit, radius):
-        """(value blocks, key blocks) to promote for group (i, h), or None when rung 3 is the better deal."""
+        """((position, block) value promotions, key blocks) for group (i, h), or None when no promotion can certify."""
         num_full = int(view.num_full[i])
         e_val, e_key, e_fp = terms.e_val[i, h], terms.e_key[i, h], terms.e_fp[i, h]
         if num_full == 0 or not bool(torch.isfinite(e_val + e_key + e_fp).all()):
@@ -144,18 +176,16 @@ class Ladder:
         if not bool((budget > 0).all()):
             return None
         contrib = result.val_contrib[i, h, :, :num_full]
-        if bool((e_key <= budget * 0.9).all()):
-            values, keys = _by_contribution(contrib, e_val - (budget * 0.9 - e_key)), []
+        if bool((e_key <= budget * VALUE_ONLY).all()):  # promote down to HEADROOM: slack for the next steps
+            values, keys = _by_contribution(contrib, e_val - (budget * HEADROOM - e_key).clamp_min(0)), []
         else:
             in_tail = self.cache.layers[layer].k_slot[blocks, h] < 0
-            keys = _by_mass(result, i, h, num_full, in_tail, radius, budget * 0.45)
+            keys = _by_mass(result, i, h, num_full, in_tail, radius, budget * HEADROOM / 2)
             if keys is None:
                 return None
-            values = _by_contribution(contrib, e_val - budget * 0.45)
-        if len(values) + len(keys) > max(4, num_full // 2):
-            return None
+            values = _by_contribution(contrib, e_val - budget * HEADROOM / 2)
         ids = blocks.tolist()
-        return [ids[p] for p in values], [ids[p] for p in keys]
+        return [(p, ids[p]) for p in values], [ids[p] for p in keys]
 
     def _audit(self, layer, q, plan, batch, scale, out, bound, rung) -> None:
         """The float64 reference from the shadows; accepted (non-exact) heads farther from it than their bound
@@ -178,20 +208,16 @@ class Ladder:
                 stats.ratio_hist = [a + b for a, b in zip(stats.ratio_hist, counts)]
 
     def _account(self, plan, heads: int, bound, limit, rung) -> None:
-        groups = rung.shape[1]
-        accepted = (rung <= 2)[..., None].expand_as(bound)
-        max_bound = torch.where(accepted, bound, 0.0).amax(dim=(1, 2)).tolist()
-        max_ratio = torch.where(accepted & (limit > 0), bound / limit.clamp_min(1e-30), 0.0).amax(dim=(1, 2)).tolist()
-        counts = torch.stack([(rung == r).sum(dim=1) for r in range(5)], dim=1).tolist()
-        for i, rid in enumerate(plan.request_ids):
-            stats = self.cache.stats[rid]
-            stats.evaluations += heads
-            if plan.modes[i] not in CERTIFYING:
-                continue
-            for r, n in enumerate(counts[i]):
-                stats.rungs[r] += n * heads // groups
-            stats.max_bound = max(stats.max_bound, max_bound[i])
-            stats.max_bound_over_tolerance = max(stats.max_bound_over_tolerance, max_ratio[i])
+        """Adds this layer to the step's tally (flushed into the certificates by TieredKVCache.end_step)."""
+        tally, groups = plan.tally, rung.shape[1]
+        tally.evaluations += heads
+        counts = torch.nn.functional.one_hot(rung, 5).sum(dim=1) * (heads // groups)
+        tally.rungs += counts * plan.certifying[:, None]
+        accepted = (rung <= 2)[..., None] & plan.certifying[:, None, None]
+        bound_max = torch.where(accepted, bound, 0.0).amax(dim=(1, 2))
+        ratio_max = torch.where(accepted & (limit > 0), bound / limit.clamp_min(1e-30), 0.0).amax(dim=(1, 2))
+        torch.maximum(tally.max_bound, bound_max, out=tally.max_bound)
+        torch.maximum(tally.max_ratio, ratio_max, out=tally.max_ratio)
 
 
 def _by_contribution(contrib: torch.Tensor, need: torch.Tensor) -> list[int]:
@@ -220,7 +246,6 @@ def _by_mass(result: DecodeResult, i: int, h: int, num_full: int, in_tail, radiu
 
     dev = moved(result.dev_contrib[i, h, :, :num_full])
     e_key = cert.key_error(rest, (result.alpha_t[i, h, :, None] - moved(rho)).clamp_min(0), radius,
-                           result.radius_o[i, h, :, None], (result.w_tail[i, h, :, None] - dev).clamp_min(0),
-                           result.w_exact[i, h, :, None] + dev)
+                           result.w_all[i, h, :, None], (result.w_tail[i, h, :, None] - dev).clamp_min(0))
     fits = (e_key <= goal[:, None]).all(dim=0).nonzero()
     return order[: int(fits[0])].tolist() if fits.numel() else None

@@ -22,6 +22,9 @@ class PagedKVCache:
     def prepare(self, batch: ForwardBatch) -> None:
         pass
 
+    def end_step(self, batch: ForwardBatch) -> None:
+        pass
+
     def forward(self, layer, q, k, v, batch, scale):
         k_flat = self.k[layer].view(-1, *k.shape[1:])
         v_flat = self.v[layer].view(-1, *v.shape[1:])

@@ -34,6 +34,8 @@ class Quantizer(Protocol):
     def dequantize_keys(self, c: Codes) -> torch.Tensor: ...
     def quantize_values(self, v: torch.Tensor) -> Codes: ...
     def dequantize_values(self, c: Codes) -> torch.Tensor: ...
+    def key_grid(self, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def key_dots(self, scale_dot, zero_dot, q_abs_sum) -> tuple[torch.Tensor, torch.Tensor]: ...
     def bytes_per_token(self, head_dim: int, block_size: int) -> float: ...
 
 
@@ -50,9 +52,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return packed
-    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
-    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.flatten(-2)
+    mask = (1 << bits) - 1
+    return torch.stack([(packed >> shift) & mask for shift in range(0, 8, bits)], dim=-1).flatten(-2)
 
 
 def _affine(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> Codes:
@@ -81,7 +82,26 @@ class MinMaxQuantizer:
         return Codes(c.codes, c.scale.squeeze(2), c.zero.squeeze(2))
 
     def dequantize_keys(self, c: Codes) -> torch.Tensor:
-        return unpack(c.codes, self.k_bits).float() * c.scale.float().unsqueeze(-2) + c.zero.float().unsqueeze(-2)
+        return unpack(c.codes, self.k_bits).float().mul_(c.scale.unsqueeze(-2)).add_(c.zero.unsqueeze(-2))
+
+    def key_grid(self, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(step, bound) per block and channel, float32, from the metadata alone.
+
+        step = scale + |zero| 2^-10 + 2^-24 (at least the float16 spacing at |zero|): the unit in which kappa_b
+        measures per-channel key errors, never 0 (a constant channel still carries the rounding of its zero point).
+        bound >= |k^_jc| for every token: the grid spans [zero, zero + levels * scale], inflated for the rounding of
+        the dequantization."""
+        scale, zero = scale.float(), zero.float()
+        step = zero.abs().mul_(2**-10).add_(scale).add_(2**-24)
+        hi = zero + ((1 << self.k_bits) - 1) * scale
+        return step, torch.maximum(zero.abs(), hi.abs()).mul_(1 + 2**-20)
+
+    def key_dots(self, scale_dot, zero_dot, q_abs_sum) -> tuple[torch.Tensor, torch.Tensor]:
+        """sum_c |q_c| step_c and an upper bound of sum_c |q_c| |k^_jc|, from sum_c |q_c| scale_c, sum_c |q_c| |zero_c|
+        and sum_c |q_c| (key_grid is linear in scale and |zero|; |k^_jc| <= |zero_c| + levels scale_c)."""
+        step_dot = zero_dot * 2**-10 + scale_dot + q_abs_sum * 2**-24
+        magnitude = (zero_dot + ((1 << self.k_bits) - 1) * scale_dot) * (1 + 2**-20)
+        return step_dot * (1 + 2**-20), magnitude
 
     def quantize_values(self, v: torch.Tensor) -> Codes:
         v = v.float()
@@ -92,8 +112,7 @@ class MinMaxQuantizer:
     def dequantize_values(self, c: Codes) -> torch.Tensor:
         codes = unpack(c.codes, self.v_bits).float()
         grouped = codes.view(*codes.shape[:-1], codes.shape[-1] // VALUE_GROUP, VALUE_GROUP)
-        out = grouped * c.scale.float().unsqueeze(-1) + c.zero.float().unsqueeze(-1)
-        return out.flatten(-2)
+        return grouped.mul_(c.scale.unsqueeze(-1)).add_(c.zero.unsqueeze(-1)).flatten(-2)
 
     def bytes_per_token(self, head_dim: int, block_size: int) -> float:
         """Tier-1 bytes per token per KV head: codes plus metadata (keys' per-block metadata spread over the block)."""
@@ -121,13 +140,16 @@ def token_error_norms(exact: torch.Tensor, approx: torch.Tensor) -> torch.Tensor
     return round_up((exact.float() - approx).norm(dim=-1), META_DTYPE)
 
 
-def channel_error_ratio(exact: torch.Tensor, approx: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """kappa_b = max over tokens and channels of |error| / scale_c, so that |e_jc| <= kappa_b * scale_c for every
-    token j of the block: [N, Hkv, bs, D] with scale [N, Hkv, D] -> [N, Hkv] float32 (inf if a scale is 0 and the
-    channel still has an error)."""
+def channel_error_ratio(exact: torch.Tensor, approx: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """kappa_b = max over tokens and channels of |error| / step_c, so that |e_jc| <= kappa_b * step_c for every token j
+    of the block: [N, Hkv, bs, D] with step [N, Hkv, D] (> 0, Quantizer.key_grid) -> [N, Hkv] float32."""
     worst = (exact.float() - approx).abs().amax(dim=2)  # [N, Hkv, D]
-    ratio = torch.where(worst > 0, worst / scale.float(), 0.0)
-    return round_up(ratio.amax(dim=-1))
+    return round_up((worst / step).amax(dim=-1))
+
+
+def token_norms(x: torch.Tensor) -> torch.Tensor:
+    """||x_j||_2 per token, rounded up into float16: [N, Hkv, bs, D] -> [N, Hkv, bs]."""
+    return round_up(x.float().norm(dim=-1), META_DTYPE)
 
 
 def make_quantizer(name: str, k_bits: int, v_bits: int) -> Quantizer:

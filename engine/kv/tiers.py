@@ -15,18 +15,17 @@ certified/audit ones climb the ladder (engine.kv.escalation) when the bound exce
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 from engine.batch import ForwardBatch
 from engine.kv.escalation import Ladder
-from engine.kv.quantizers import Quantizer, channel_error_ratio, error_norms, token_error_norms
-from engine.kv.stats import CertificateStats, EscalationRecord
+from engine.kv.quantizers import Quantizer, channel_error_ratio, error_norms, token_error_norms, token_norms
+from engine.kv.stats import RUNGS, CertificateStats, EscalationRecord
 from engine.request import KVMode
 from kernels import certified_decode, decode_attention, prefill_attention
-from kernels.reference import DecodeView, QuantizedLayer, gather_blocks
+from kernels.reference import DecodeView, QuantizedLayer, gather_blocks, make_view
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +45,22 @@ class WritePlan:
     fresh_slots: torch.Tensor  # [F] slots of those sequences (centre and radius start over)
 
 
+@dataclass(slots=True)
+class Tally:
+    """Certificate accounting of one step for its tier-1 decode sequences, flushed once by end_step()."""
+
+    evaluations: torch.Tensor  # [Bd] int64: query heads evaluated (summed over layers)
+    rungs: torch.Tensor  # [Bd, 5] int64: query heads by rung (certifying modes only)
+    max_bound: torch.Tensor  # [Bd] float32
+    max_ratio: torch.Tensor  # [Bd] float32: bound / limit
+
+    @staticmethod
+    def zeros(n: int, device: torch.device) -> Tally:
+        return Tally(torch.zeros(n, dtype=torch.int64, device=device),
+                     torch.zeros(n, RUNGS, dtype=torch.int64, device=device),
+                     torch.zeros(n, device=device), torch.zeros(n, device=device))
+
+
 @dataclass(frozen=True, slots=True)
 class StepPlan:
     write: WritePlan
@@ -58,51 +73,71 @@ class StepPlan:
     request_ids: list[str]  # [Bd]
     modes: list[KVMode]  # [Bd]
     tolerance: torch.Tensor  # [Bd] float32
+    certifying: torch.Tensor  # [Bd] bool: certified or audit (climbs the ladder)
+    tally: Tally | None
 
 
 class Scratch:
-    """Promoted exact blocks of one layer on the device: one (block, KV head) piece per slot, keys and values
-    apart, least recently used out. k_slot/v_slot map a block and head to its slot (-1: not promoted)."""
+    """Exact (block, KV head) pieces of one layer kept on the device, keys and values apart.
+
+    Each held piece has a score: the largest attention mass its block received at a recent step, decayed by DECAY at
+    every step. A full scratch evicts the lowest scores, so heavy hitters (an attention sink) stay, recently filled
+    blocks stay while they are attended, and the rest falls back to tier 1 and its certificate. slots[block, head]
+    holds the piece's slot for keys and for values (-1: not held)."""
+
+    DECAY = 0.9
 
     def __init__(self, capacity: int, num_blocks: int, kv_heads: int, block_size: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
         self.capacity = capacity
         self.data = {kind: torch.zeros(capacity, block_size, head_dim, dtype=dtype, device=device) for kind in "kv"}
-        self.slot = {kind: torch.full((num_blocks, kv_heads), -1, dtype=torch.int64, device=device) for kind in "kv"}
-        self.lru: dict[str, OrderedDict[tuple[int, int], int]] = {kind: OrderedDict() for kind in "kv"}
-        self.free = {kind: list(range(capacity - 1, -1, -1)) for kind in "kv"}
+        self.slots = torch.full((num_blocks, kv_heads, 2), -1, dtype=torch.int32, device=device)  # keys, values
+        self.slot = {"k": self.slots[..., 0], "v": self.slots[..., 1]}
+        self.score = {kind: torch.full((capacity,), -torch.inf, device=device) for kind in "kv"}  # -inf: free
+        self.owner = {kind: torch.full((capacity, 2), -1, dtype=torch.int64, device=device) for kind in "kv"}
 
-    def put(self, kind: str, blocks: list[int], head: int, data: torch.Tensor) -> None:
-        """Stores exact blocks [n, bs, D] for (blocks, head); the least recently used pieces make room."""
-        lru, slots = self.lru[kind], []
-        for block in blocks:
-            if (block, head) in lru:
-                lru.move_to_end((block, head))
-                slots.append(lru[(block, head)])
-                continue
-            if not self.free[kind]:
-                (old_block, old_head), old = lru.popitem(last=False)
-                self.slot[kind][old_block, old_head] = -1
-                self.free[kind].append(old)
-            slot = self.free[kind].pop()
-            lru[(block, head)] = slot
-            self.slot[kind][block, head] = slot
-            slots.append(slot)
-        index = torch.tensor(slots, device=self.data[kind].device)
-        self.data[kind][index] = data.to(self.data[kind].dtype)
+    def put(self, kind: str, blocks: torch.Tensor, heads: torch.Tensor, data: torch.Tensor, score: float = 1.0):
+        """Holds exact pieces data [n, bs, D] (n <= capacity, distinct (block, head) pairs); the lowest scores make
+        room. Returns the pieces' slots."""
+        slot_map, scores, owner = self.slot[kind], self.score[kind], self.owner[kind]
+        slots = slot_map[blocks, heads].long()
+        new = slots < 0
+        scores[slots[~new]] = torch.inf  # held pieces of this call are not victims
+        count = int(new.sum())
+        if count:
+            victims = torch.topk(scores, count, largest=False).indices  # free slots (-inf) first
+            evicted = owner[victims]
+            held = evicted[:, 0] >= 0
+            slot_map[evicted[held, 0], evicted[held, 1]] = -1
+            slots[new] = victims
+            slot_map[blocks[new], heads[new]] = victims.int()
+            owner[victims] = torch.stack([blocks[new], heads[new]], dim=1)
+        self.data[kind][slots] = data.to(self.data[kind].dtype)
+        scores[slots] = score
+        return slots
+
+    def touch(self, tables: torch.Tensor, full: torch.Tensor, mass: torch.Tensor) -> None:
+        """One decode step of attention: decay every score, raise the held pieces of `tables` [Bd, nb] to their
+        block's mass [Bd, nb, Hkv] (max over the group's query heads) where full [Bd, nb]."""
+        held = self.slots[tables]  # [Bd, nb, Hkv, 2]
+        for index, kind in enumerate("kv"):
+            self.score[kind].mul_(self.DECAY)
+            slots = held[..., index]
+            use = (slots >= 0) & full[..., None]
+            self.score[kind].scatter_reduce_(0, slots[use].long(), mass[use], reduce="amax")
 
     def invalidate(self, blocks: torch.Tensor) -> None:
-        """Blocks re-quantized for a new owner: their promoted pieces are stale."""
+        """Blocks freed or re-quantized for a new owner: their pieces are stale."""
         for kind in "kv":
-            stale = self.slot[kind][blocks]
-            if bool((stale >= 0).any()):
-                for block, head in (stale >= 0).nonzero().tolist():
-                    block = int(blocks[block])
-                    self.free[kind].append(self.lru[kind].pop((block, head)))
-                    self.slot[kind][block, head] = -1
+            slots = self.slot[kind][blocks]  # [n, Hkv]
+            held = slots[slots >= 0].long()
+            if held.numel():
+                self.score[kind][held] = -torch.inf
+                self.owner[kind][held] = -1
+                self.slot[kind][blocks] = -1
 
     def used(self) -> int:
-        return sum(len(lru) for lru in self.lru.values())
+        return sum(int((owner[:, 0] >= 0).sum()) for owner in self.owner.values())
 
 
 class TieredKVCache:
@@ -139,18 +174,17 @@ class TieredKVCache:
             k_codes=zeros(nb, h, bs, d * q.k_bits // 8, dtype=torch.uint8), k_scale=zeros(nb, h, d),
             k_zero=zeros(nb, h, d), v_codes=zeros(nb, h, bs, d * q.v_bits // 8, dtype=torch.uint8),
             v_scale=zeros(nb, h, bs, d // 16), v_zero=zeros(nb, h, bs, d // 16),
-            eps=zeros(nb, h, dtype=torch.float32), kappa=zeros(nb, h, dtype=torch.float32), eta=zeros(nb, h, bs),
+            block_notes=zeros(nb, h, 2, dtype=torch.float32), token_notes=zeros(nb, h, bs, 2), slots=scratch.slots,
             tail_k=zeros(max_seqs, bs, h, d, dtype=self.dtype), tail_v=zeros(max_seqs, bs, h, d, dtype=self.dtype),
-            scratch_k=scratch.data["k"], scratch_v=scratch.data["v"], k_slot=scratch.slot["k"],
-            v_slot=scratch.slot["v"])
+            scratch_k=scratch.data["k"], scratch_v=scratch.data["v"])
 
     # ---- accounting -------------------------------------------------------------------------------------------
     @staticmethod
     def tier1_bytes(quantizer: Quantizer, head_dim: int, block_size: int) -> float:
         """Per token per KV head per layer: codes, metadata, annotations and scratch lookups (not the fixed-size
         tail buffers and scratch)."""
-        per_token = 2  # eta (float16)
-        per_block = 2 * 4 + 2 * 8  # eps and kappa (float32), k_slot and v_slot (int64)
+        per_token = 2 * 2  # eta and the value norm (float16)
+        per_block = 2 * 4 + 2 * 4  # eps and kappa (float32), k_slot and v_slot (int32)
         return quantizer.bytes_per_token(head_dim, block_size) + per_token + per_block / block_size
 
     def tier1_bytes_per_token(self) -> float:
@@ -216,6 +250,21 @@ class TieredKVCache:
             out[plan.quant_rows] = self._quantized_decode(layer, q[plan.quant_rows], plan, batch, scale)
         return out
 
+    def end_step(self, batch: ForwardBatch) -> None:
+        """Adds the step's tally to the requests' certificates (one host transfer for the whole step)."""
+        plan: StepPlan = batch.cache_meta
+        if plan.tally is None:
+            return
+        tally = plan.tally
+        evaluations, rungs = tally.evaluations.tolist(), tally.rungs.tolist()
+        max_bound, max_ratio = tally.max_bound.tolist(), tally.max_ratio.tolist()
+        for i, rid in enumerate(plan.request_ids):
+            stats = self.stats[rid]
+            stats.evaluations += evaluations[i]
+            stats.rungs = [a + b for a, b in zip(stats.rungs, rungs[i])]
+            stats.max_bound = max(stats.max_bound, max_bound[i])
+            stats.max_bound_over_tolerance = max(stats.max_bound_over_tolerance, max_ratio[i])
+
     def exact_decode(self, layer, q, tables, lens, scale):
         """Dense decode attention from the shadows (what dense mode computes, bit for bit on the same device)."""
         keys, values = self.shadow_k[layer], self.shadow_v[layer]
@@ -227,6 +276,8 @@ class TieredKVCache:
 
     def _quantized_decode(self, layer, q, plan: StepPlan, batch, scale):
         result = certified_decode(q, self.layers[layer], plan.view, scale, self.quantizer)
+        view = plan.view
+        self.scratch[layer].touch(view.block_tables, view.full, result.rho[..., :-1].amax(dim=2).transpose(1, 2))
         out = self.ladder.run(layer, q, result, plan, batch, scale)
         return out.flatten(1, 2).to(q.dtype)
 
@@ -243,6 +294,8 @@ class TieredKVCache:
             full_k = torch.cat([tier1.tail_k[plan.tail_block_slots], k[plan.new_block_rows]]).transpose(1, 2)
             full_v = torch.cat([tier1.tail_v[plan.tail_block_slots], v[plan.new_block_rows]]).transpose(1, 2)
             self._quantize(layer, blocks, full_k, full_v)
+            if plan.tail_blocks.numel():
+                self._keep_filled(layer, plan.tail_blocks, full_k, full_v)
         for tail, new in zip(tails, (k, v)):
             tail.index_copy_(0, plan.late_dst, new[plan.late_src])
         self._update_spread(layer, v, plan)
@@ -253,11 +306,20 @@ class TieredKVCache:
         k_codes, v_codes = q.quantize_keys(keys), q.quantize_values(values)
         tier1.k_codes[blocks], tier1.k_scale[blocks], tier1.k_zero[blocks] = k_codes.codes, k_codes.scale, k_codes.zero
         tier1.v_codes[blocks], tier1.v_scale[blocks], tier1.v_zero[blocks] = v_codes.codes, v_codes.scale, v_codes.zero
-        k_hat = q.dequantize_keys(k_codes)
-        tier1.eps[blocks] = error_norms(keys, k_hat)
-        tier1.kappa[blocks] = channel_error_ratio(keys, k_hat, k_codes.scale)
-        tier1.eta[blocks] = token_error_norms(values, q.dequantize_values(v_codes))
+        k_hat, v_hat = q.dequantize_keys(k_codes), q.dequantize_values(v_codes)
+        tier1.block_notes[blocks] = torch.stack([
+            error_norms(keys, k_hat), channel_error_ratio(keys, k_hat, q.key_grid(k_codes.scale, k_codes.zero)[0])], -1)
+        tier1.token_notes[blocks] = torch.stack([token_error_norms(values, v_hat), token_norms(v_hat)], dim=-1)
         self.scratch[layer].invalidate(blocks)
+
+    def _keep_filled(self, layer: int, blocks: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """A sequence's block that just filled in the tail buffer stays exact in the scratch (no tier-2 fetch: the
+        data is on the device), competing for its slot by attention like any promoted piece: the recent window and
+        the attention sink (a prompt's first block) are where quantization errors cost the most."""
+        heads = torch.arange(self.kv_heads, device=self.device).repeat(len(blocks))[: self.scratch[layer].capacity]
+        repeated = blocks.repeat_interleave(self.kv_heads)[: len(heads)]
+        for kind, data in (("k", keys), ("v", values)):
+            self.scratch[layer].put(kind, repeated, heads, data[: len(blocks)].flatten(0, 1)[: len(heads)])
 
     def _update_spread(self, layer: int, v: torch.Tensor, plan: WritePlan) -> None:
         """Centre c from a sequence's first chunk; R = max ||v_j - c|| over every token, rounded up."""
@@ -317,18 +379,21 @@ class TieredKVCache:
             exact_ids=[batch.request_ids[s] for s in exact if batch.kv[s].mode is KVMode.EXACT],
             quant_seqs=quant, quant_rows=torch.tensor(rows, dtype=torch.int64, device=device), view=None,
             request_ids=[batch.request_ids[s] for s in quant], modes=[batch.kv[s].mode for s in quant],
-            tolerance=torch.tensor([batch.kv[s].tolerance for s in quant], device=device))
+            tolerance=torch.tensor([batch.kv[s].tolerance for s in quant], device=device),
+            certifying=torch.tensor([batch.kv[s].mode in (KVMode.CERTIFIED, KVMode.AUDIT) for s in quant],
+                                    dtype=torch.bool, device=device),
+            tally=Tally.zeros(len(quant), device) if quant else None)
         if quant:
             lengths = [batch.starts[s] + 1 for s in quant]
             full = [n // bs for n in lengths]
             width = max(full)
             tables = [batch.block_ids[s][:f] + [0] * (width - f) for s, f in zip(quant, full)]
-            plan["view"] = DecodeView(
-                block_tables=torch.tensor(tables, dtype=torch.int64, device=device).view(len(quant), width),
-                num_full=torch.tensor(full, dtype=torch.int64, device=device),
-                tail_lens=torch.tensor([n % bs for n in lengths], dtype=torch.int64, device=device),
-                slots=torch.tensor([self.slots[batch.request_ids[s]] for s in quant], dtype=torch.int64,
-                                   device=device))
+            plan["view"] = make_view(
+                torch.tensor(tables, dtype=torch.int64, device=device).view(len(quant), width),
+                torch.tensor(full, dtype=torch.int64, device=device),
+                torch.tensor([n % bs for n in lengths], dtype=torch.int64, device=device),
+                torch.tensor([self.slots[batch.request_ids[s]] for s in quant], dtype=torch.int64, device=device),
+                bs)
         return plan
 
     # ---- tier-2 fetches -----------------------------------------------------------------------------------------
@@ -339,5 +404,6 @@ class TieredKVCache:
         shadow = self.shadow_k[layer] if kind == "k" else self.shadow_v[layer]
         start = time.perf_counter()
         data = shadow[torch.tensor(blocks), :, head].to(self.device, non_blocking=True)
-        self.scratch[layer].put(kind, blocks, head, data)
+        index = torch.tensor(blocks, device=self.device)
+        self.scratch[layer].put(kind, index, torch.full_like(index, head), data)
         return data.numel() * data.element_size(), time.perf_counter() - start
