@@ -81,6 +81,8 @@ def summarize(engine, policy, windows, nll, kl_sum, scored, stats: list[Certific
         "worst_actual_over_bound": max((s.worst_actual_over_bound for s in stats), default=0.0)
         if policy.mode is KVMode.AUDIT else None,
         "median_actual_over_bound": CertificateStats.histogram_median(hist) if policy.mode is KVMode.AUDIT else None,
+        "quantized_key_mass": sum(s.quantized_key_mass for s in stats) / evaluations if evaluations else None,
+        "scratch_blocks": config.scratch_blocks,
         "tier2_bytes_fetched_per_token": sum(s.transfer_bytes for s in stats) / max(scored, 1),
         "tier1_bytes_per_token_vs_fp16": cache.tier1_bytes_per_token() / fp16,
         "tier2_bytes_per_token_vs_fp16": cache.tier2_bytes_per_token() / fp16,
@@ -99,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k-bits", type=int, default=8, choices=(8, 4))
     p.add_argument("--v-bits", type=int, default=4, choices=(4, 2))
     p.add_argument("--quantizer", default="minmax")
+    p.add_argument("--scratch-blocks", type=int, default=32,
+                   help="scratch pieces per layer; keep it small against the windows, or everything stays exact")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print only the JSON summary")
     return p
@@ -109,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {} if args.tolerance is None else {"tolerance": args.tolerance}
     config = EngineConfig(model=args.model, kv_mode=args.kv_mode, k_bits=args.k_bits, v_bits=args.v_bits,
                           quantizer=args.quantizer, threads=args.threads, max_num_seqs=64,
+                          scratch_blocks=args.scratch_blocks,
                           max_num_batched_tokens=4096, **overrides)
     engine = LLMEngine(config)
     tokens = engine.tokenizer(args.text.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]

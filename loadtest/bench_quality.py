@@ -19,17 +19,21 @@ sys.path.insert(0, str(ROOT))
 
 def table(rows: list[dict]) -> str:
     head = ("| bits K/V | mode | tolerance | PPL | vs dense | KL | rung 0 | rung 1 | rung 2 | rung 3 | violations | "
-            "median actual/bound | tier-1 bytes vs FP16 |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "median actual/bound | mass on quantized keys | tier-1 bytes vs FP16 |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def fmt(value, spec=""):
+        return "-" if value is None else format(value, spec)
+
     lines = []
     for r in rows:
         rungs = r["rung_fraction"] or [None] * 5
-        pct = ["-" if x is None else f"{100 * x:.1f}%" for x in rungs[:4]]
-        median = r["median_actual_over_bound"]
-        lines.append(
-            f"| K{r['k_bits']}/V{r['v_bits']} | {r['mode']} | {r['tolerance'] if r['tolerance'] is not None else '-'} | "
-            f"{r['ppl']:.3f} | {r['ppl_delta_pct']:+.2f}% | {r['kl_mean']:.2e} | {' | '.join(pct)} | "
-            f"{r['audit_violations'] if r['audit_violations'] is not None else '-'} | "
-            f"{'-' if median is None else f'{median:.3f}'} | {r['tier1_bytes_per_token_vs_fp16']:.3f} |")
+        lines.append(" | ".join([
+            f"| K{r['k_bits']}/V{r['v_bits']}", r["mode"], fmt(r["tolerance"]), f"{r['ppl']:.3f}",
+            f"{r['ppl_delta_pct']:+.2f}%", f"{r['kl_mean']:.2e}",
+            *(fmt(None if x is None else 100 * x, ".1f") + ("%" if x is not None else "") for x in rungs[:4]),
+            fmt(r["audit_violations"]), fmt(r["median_actual_over_bound"], ".3f"), fmt(r["quantized_key_mass"], ".2f"),
+            f"{r['tier1_bytes_per_token_vs_fp16']:.3f} |"]))
     return "\n".join([head, *lines])
 
 
@@ -42,6 +46,8 @@ def main() -> None:
     parser.add_argument("--bits", nargs="+", default=["8/4", "4/4", "4/2"])
     parser.add_argument("--tolerances", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2])
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--scratch-blocks", type=int, default=32,
+                        help="exact pieces per layer: a small fraction of the windows' blocks, as with long contexts")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
 
@@ -54,7 +60,8 @@ def main() -> None:
     for bits in args.bits:
         k_bits, v_bits = (int(b) for b in bits.split("/"))
         engine = LLMEngine(EngineConfig(model=args.model, kv_mode="audit", k_bits=k_bits, v_bits=v_bits,
-                                        threads=args.threads, max_num_seqs=64, max_num_batched_tokens=4096))
+                                        threads=args.threads, max_num_seqs=64, max_num_batched_tokens=4096,
+                                        scratch_blocks=args.scratch_blocks))
         tokens = engine.tokenizer(args.text.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
         windows = windows_of(tokens, args.window, args.max_tokens)
         policies = [KVPolicy(KVMode.QUANTIZED, 0.0)] + [KVPolicy(KVMode.AUDIT, t) for t in args.tolerances]

@@ -70,6 +70,7 @@ class Ladder:
         if any(m is KVMode.AUDIT for m in plan.modes):
             self._audit(layer, q, plan, batch, scale, out, bound, rung)
         self._account(plan, q.shape[1], bound, limit, rung)
+        plan.tally.tail_mass += result.alpha_t.sum(dim=(1, 2))
         return out
 
     def _escalate(self, layer, q, result, plan, batch, scale, radius, tol, over, broken, state):

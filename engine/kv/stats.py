@@ -50,6 +50,7 @@ class CertificateStats:
     worst_actual_over_bound: float = 0.0
     transfer_bytes: int = 0
     transfer_seconds: float = 0.0
+    quantized_key_mass: float = 0.0  # sum over evaluations of the attention mass on quantized keys (alpha^_T)
     ratio_hist: list[int] = field(default_factory=lambda: [0] * RATIO_BINS)  # audit: actual/bound, log scale
 
     @staticmethod

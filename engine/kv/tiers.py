@@ -53,12 +53,13 @@ class Tally:
     rungs: torch.Tensor  # [Bd, 5] int64: query heads by rung (certifying modes only)
     max_bound: torch.Tensor  # [Bd] float32
     max_ratio: torch.Tensor  # [Bd] float32: bound / limit
+    tail_mass: torch.Tensor  # [Bd] float32: sum over heads and layers of the attention mass on quantized keys
 
     @staticmethod
     def zeros(n: int, device: torch.device) -> Tally:
         return Tally(torch.zeros(n, dtype=torch.int64, device=device),
                      torch.zeros(n, RUNGS, dtype=torch.int64, device=device),
-                     torch.zeros(n, device=device), torch.zeros(n, device=device))
+                     torch.zeros(n, device=device), torch.zeros(n, device=device), torch.zeros(n, device=device))
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,13 +258,14 @@ class TieredKVCache:
             return
         tally = plan.tally
         evaluations, rungs = tally.evaluations.tolist(), tally.rungs.tolist()
-        max_bound, max_ratio = tally.max_bound.tolist(), tally.max_ratio.tolist()
+        max_bound, max_ratio, tail_mass = tally.max_bound.tolist(), tally.max_ratio.tolist(), tally.tail_mass.tolist()
         for i, rid in enumerate(plan.request_ids):
             stats = self.stats[rid]
             stats.evaluations += evaluations[i]
             stats.rungs = [a + b for a, b in zip(stats.rungs, rungs[i])]
             stats.max_bound = max(stats.max_bound, max_bound[i])
             stats.max_bound_over_tolerance = max(stats.max_bound_over_tolerance, max_ratio[i])
+            stats.quantized_key_mass += tail_mass[i]
 
     def exact_decode(self, layer, q, tables, lens, scale):
         """Dense decode attention from the shadows (what dense mode computes, bit for bit on the same device)."""
