@@ -111,17 +111,18 @@ class DecodeView:
     slots: torch.Tensor  # [Bd] int64: sequence slots (tail buffers)
     full: torch.Tensor  # [Bd, nb] bool: block i < num_full
     valid: torch.Tensor  # [Bd, (nb + 1) * bs] bool: attended positions (full blocks, then the partial block)
+    use_scratch: torch.Tensor  # [Bd] bool: exact scratch pieces replace quantized blocks (not for the naive baseline)
 
     def select(self, index: torch.Tensor) -> DecodeView:
         return DecodeView(*(getattr(self, name)[index] for name in self.__slots__))
 
 
-def make_view(block_tables, num_full, tail_lens, slots, block_size: int) -> DecodeView:
+def make_view(block_tables, num_full, tail_lens, slots, block_size: int, use_scratch) -> DecodeView:
     nb, device = block_tables.shape[1], block_tables.device
     full = torch.arange(nb, device=device)[None, :] < num_full[:, None]
     partial = torch.arange(block_size, device=device)[None, :] < tail_lens[:, None]
     valid = torch.cat([full.repeat_interleave(block_size, dim=1), partial], dim=1)
-    return DecodeView(block_tables, num_full, tail_lens, slots, full, valid)
+    return DecodeView(block_tables, num_full, tail_lens, slots, full, valid, use_scratch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +154,8 @@ def certified_decode(q, layer: QuantizedLayer, view: DecodeView, scale: float, q
     batch, heads, dim = q.shape
     kv_heads, bs = layer.tail_k.shape[2], layer.tail_k.shape[1]
     groups, tables, nb = heads // kv_heads, view.block_tables, view.block_tables.shape[1]
-    slots, k_scale, k_zero = layer.slots[tables], layer.k_scale[tables], layer.k_zero[tables]
+    slots = torch.where(view.use_scratch[:, None, None, None], layer.slots[tables], -1)  # [Bd, nb, Hkv, 2]
+    k_scale, k_zero = layer.k_scale[tables], layer.k_zero[tables]
     tail_k, tail_v = layer.tail_k[view.slots], layer.tail_v[view.slots]  # [Bd, bs, Hkv, D]
     keys = _blocks(quantizer.dequantize_keys(Codes(layer.k_codes[tables], k_scale, k_zero)), layer.scratch_k,
                    slots[..., 0], tail_k)  # [Bd, Hkv, L, D]

@@ -215,13 +215,16 @@ def test_tier1_bytes_per_token_meet_the_promise():
             assert TieredKVCache.tier1_bytes(quant, head_dim, 16) / fp16 <= limit, (bits, head_dim)
 
 
+@pytest.mark.parametrize("mode", [KVMode.QUANTIZED, KVMode.CERTIFIED])
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 33])
-def test_twin_equals_brute_force(n):
-    """certified_decode's output equals attention over explicitly dequantized + exact blocks."""
+def test_twin_equals_brute_force(n, mode):
+    """certified_decode's output equals attention over explicitly dequantized blocks, the exact partial block and
+    (except for the naive quantized baseline) the exact pieces the scratch holds."""
     h = Harness(4, 4, seed=10 + n)
-    h.step({"a": random_kv(h.gen, n)}, KVPolicy(KVMode.QUANTIZED, 0.05))
+    policy = KVPolicy(mode, 10.0)  # a tolerance nothing exceeds: the kernel's own output is what comes back
+    h.step({"a": random_kv(h.gen, n)}, policy)
     q = torch.randn(1, HKV * G, D, generator=h.gen)
-    batch, out = h.step({"a": random_kv(h.gen, 1)}, KVPolicy(KVMode.QUANTIZED, 0.05), q=q)
+    batch, out = h.step({"a": random_kv(h.gen, 1)}, policy, q=q)
     layer, quant, length = h.cache.layers[0], h.cache.quantizer, n + 1
     full = length // BS
     keys, values = h.keys["a"].clone(), h.values["a"].clone()
@@ -230,7 +233,8 @@ def test_twin_equals_brute_force(n):
         codes = type(quant.quantize_keys(keys[sl][None]))
         deq_k = quant.dequantize_keys(codes(layer.k_codes[block], layer.k_scale[block], layer.k_zero[block]))
         deq_v = quant.dequantize_values(codes(layer.v_codes[block], layer.v_scale[block], layer.v_zero[block]))
-        held_k, held_v = layer.k_slot[block] >= 0, layer.v_slot[block] >= 0  # [Hkv]
+        uses = mode is not KVMode.QUANTIZED
+        held_k, held_v = (layer.k_slot[block] >= 0) & uses, (layer.v_slot[block] >= 0) & uses  # [Hkv]
         keys[sl] = torch.where(held_k[None, :, None], keys[sl], deq_k.transpose(0, 1))
         values[sl] = torch.where(held_v[None, :, None], values[sl], deq_v.transpose(0, 1))
     probs = torch.softmax(torch.einsum("hgd,lhd->hgl", q[0].view(HKV, G, D), keys) * D ** -0.5, dim=-1)

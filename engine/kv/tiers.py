@@ -395,7 +395,7 @@ class TieredKVCache:
                 torch.tensor(full, dtype=torch.int64, device=device),
                 torch.tensor([n % bs for n in lengths], dtype=torch.int64, device=device),
                 torch.tensor([self.slots[batch.request_ids[s]] for s in quant], dtype=torch.int64, device=device),
-                bs)
+                bs, torch.tensor([batch.kv[s].mode is not KVMode.QUANTIZED for s in quant], device=device))
         return plan
 
     # ---- tier-2 fetches -----------------------------------------------------------------------------------------
