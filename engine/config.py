@@ -46,6 +46,7 @@ class EngineConfig:
     quantizer: str = "minmax"
     scratch_blocks: int = 512  # per layer: promoted exact (block, KV head) pieces kept on the device, keys and values each
     shadow_memory: int = 2 << 30  # bytes of tier-2 shadows (host); with kv_cache_memory it caps the number of blocks
+    prefetch: bool = True  # tier-2 fetches likely at the next step start early (copy stream / worker thread)
 
     def __post_init__(self) -> None:
         _require(self.device in DEVICES, "device", f"must be one of {DEVICES}")

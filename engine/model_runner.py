@@ -121,7 +121,7 @@ class ModelRunner:
             raise ValueError(f"model: head_dim {spec.head_dim} is not a multiple of 16 (value groups)")
         return TieredKVCache(spec.num_layers, spec.num_kv_blocks, config.block_size, spec.num_kv_heads, spec.head_dim,
                              self.dtype, self.device, make_quantizer(config.quantizer, config.k_bits, config.v_bits),
-                             config.max_num_seqs, config.scratch_blocks)
+                             config.max_num_seqs, config.scratch_blocks, config.prefetch)
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, kv: list[KVPolicy]) -> tuple[ForwardBatch, torch.Tensor]:

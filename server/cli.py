@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="promoted exact (block, KV head) pieces kept on the device per layer, keys and values each")
     kv.add_argument("--shadow-memory", type=parse_bytes, default="2GiB",
                     help="host bytes for tier-2 shadows; with --kv-cache-memory it caps the number of blocks")
+    kv.add_argument("--no-prefetch", action="store_true", help="fetch tier-2 blocks only when an escalation needs them")
     limits = p.add_argument_group("admission and lifecycle")
     limits.add_argument("--max-pending-requests", type=int, default=256, help="beyond: RESOURCE_EXHAUSTED")
     limits.add_argument("--max-prompt-chars", type=int, default=1 << 20)
@@ -66,7 +67,7 @@ def configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         max_new_tokens_default=args.max_new_tokens_default, threads=args.threads, kv_mode=args.kv_mode,
         tolerance=args.tolerance, k_bits=args.k_bits, v_bits=args.v_bits, quantizer=args.quantizer,
-        scratch_blocks=args.scratch_blocks, shadow_memory=args.shadow_memory)
+        scratch_blocks=args.scratch_blocks, shadow_memory=args.shadow_memory, prefetch=not args.no_prefetch)
     return server, engine
 
 

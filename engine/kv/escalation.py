@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 CERTIFYING = (KVMode.CERTIFIED, KVMode.AUDIT)
 VALUE_ONLY = 0.9  # rung 1 when E_key uses at most this share of the budget
 HEADROOM = 0.5  # promotions aim at this share of the budget, leaving slack so the next steps certify too
+PREFETCH_MARGIN = 0.8  # accepted groups with bound / limit above this get their heaviest quantized blocks prefetched
+PREFETCH_BLOCKS = 2
 
 
 def check(result: DecodeResult, radius: torch.Tensor, tolerance: torch.Tensor):
@@ -71,7 +73,27 @@ class Ladder:
             self._audit(layer, q, plan, batch, scale, out, bound, rung)
         self._account(plan, q.shape[1], bound, limit, rung)
         plan.tally.tail_mass += result.alpha_t.sum(dim=(1, 2))
+        self._prefetch(layer, result, plan, bound, limit, rung)
         return out
+
+    def _prefetch(self, layer, result, plan, bound, limit, rung) -> None:
+        """Groups that escalated, or were accepted within PREFETCH_MARGIN of their limit, will probably escalate at the
+        next step: start fetching their heaviest blocks that attention still reads quantized (keys and values), so
+        that the transfer overlaps the rest of this step."""
+        if not self.cache.copy.enabled or plan.view.block_tables.shape[1] == 0:
+            return
+        ratio = (bound / limit.clamp_min(1e-30)).amax(dim=-1)  # [Bd, Hkv]
+        likely = plan.certifying[:, None] & ((ratio > PREFETCH_MARGIN) | (rung > 0))
+        if not bool(likely.any()):
+            return
+        view = plan.view
+        quantized = view.full[:, None, :] & (self.cache.layers[layer].k_slot[view.block_tables] < 0).transpose(1, 2)
+        mass = torch.where(quantized, result.rho[..., :-1].amax(dim=2), 0.0)  # [Bd, Hkv, nb]
+        top = mass.topk(min(PREFETCH_BLOCKS, mass.shape[-1]), dim=-1)
+        for i, h in likely.nonzero().tolist():
+            blocks = view.block_tables[i, top.indices[i, h]][top.values[i, h] > 0].tolist()
+            if blocks:
+                self.cache.prefetch(layer, blocks, h)
 
     def _escalate(self, layer, q, result, plan, batch, scale, radius, tol, over, broken, state):
         out, bound, limit, rung = state
@@ -87,9 +109,10 @@ class Ladder:
                 continue
             values, keys = choice
             allowance -= len(values) + len(keys)
-            bytes_v, secs_v = cache.promote(layer, "v", [b for _, b in values], h)
-            bytes_k, secs_k = cache.promote(layer, "k", keys, h)
-            moved[(i, h)] = (len(values) + len(keys), bytes_v + bytes_k, secs_v + secs_k)
+            fetched = [f for f in (cache.promote(layer, "v", [b for _, b in values], h),
+                                   cache.promote(layer, "k", keys, h)) if f is not None]
+            moved[(i, h)] = (len(values) + len(keys), sum(f.bytes for f in fetched), sum(f.seconds for f in fetched),
+                             all(f.hits == len(f.data) for f in fetched))
             if keys:
                 rerun[(i, h)] = 2
             elif not self._correct_values(layer, result, terms, i, h, values, tol[i], state):
@@ -100,11 +123,12 @@ class Ladder:
         if exact:
             for group, (blocks, nbytes, seconds) in self._exact(layer, q, plan, batch, scale, exact, broken,
                                                                state).items():
-                earlier = moved.get(group, (0, 0, 0.0))
-                moved[group] = (earlier[0] + blocks, earlier[1] + nbytes, earlier[2] + seconds)
-        for (i, h), (blocks, nbytes, seconds) in moved.items():
+                earlier = moved.get(group, (0, 0, 0.0, False))
+                moved[group] = (earlier[0] + blocks, earlier[1] + nbytes, earlier[2] + seconds, False)
+        for (i, h), (blocks, nbytes, seconds, hit) in moved.items():
             record = EscalationRecord(plan.request_ids[i], layer, h, int(rung[i, h]), float(before[i, h]),
-                                      float(bound[i, h].amax()), float(plan.tolerance[i]), blocks, nbytes, seconds)
+                                      float(bound[i, h].amax()), float(plan.tolerance[i]), blocks, nbytes, seconds,
+                                      hit)
             cache.records.append(record)
             cache.stats[record.request_id].add_record(record)
 

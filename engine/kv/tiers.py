@@ -14,12 +14,12 @@ certified/audit ones climb the ladder (engine.kv.escalation) when the bound exce
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from engine.batch import ForwardBatch
+from engine.kv.copy_engine import CopyEngine, Fetch
 from engine.kv.escalation import Ladder
 from engine.kv.quantizers import Quantizer, channel_error_ratio, error_norms, token_error_norms, token_norms
 from engine.kv.stats import RUNGS, CertificateStats, EscalationRecord
@@ -143,7 +143,8 @@ class Scratch:
 
 class TieredKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, quantizer: Quantizer, max_seqs: int, scratch_blocks: int):
+                 dtype: torch.dtype, device: torch.device, quantizer: Quantizer, max_seqs: int, scratch_blocks: int,
+                 prefetch: bool = True):
         self.quantizer = quantizer
         self.block_size, self.kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
         self.num_blocks, self.dtype, self.device = num_blocks, dtype, device
@@ -163,6 +164,7 @@ class TieredKVCache:
         self.stats: dict[str, CertificateStats] = {}
         self.records: list[EscalationRecord] = []
         self.ladder = Ladder(self)
+        self.copy = CopyEngine(device, prefetch)
 
     def _tier1(self, layer: int, max_seqs: int) -> QuantizedLayer:
         nb, h, bs, d = self.num_blocks, self.kv_heads, self.block_size, self.head_dim
@@ -212,13 +214,14 @@ class TieredKVCache:
         blocks = self.blocks.pop(request_id, None)
         if blocks:
             index = torch.tensor(blocks, device=self.device)
-            for scratch in self.scratch:
+            for layer, scratch in enumerate(self.scratch):
                 scratch.invalidate(index)
+                self.copy.invalidate(layer, blocks)
 
     def in_use(self) -> dict[str, int]:
         """Live per-request state, for leak checks: all zeros once every request has ended."""
         return {"slots": len(self.slots), "scratch_pieces": sum(s.used() for s in self.scratch),
-                "stats": len(self.stats), "tracked_requests": len(self.blocks)}
+                "stats": len(self.stats), "tracked_requests": len(self.blocks), "pending_copies": self.copy.pending()}
 
     # ---- the KVCache seam ---------------------------------------------------------------------------------------
     def prepare(self, batch: ForwardBatch) -> None:
@@ -313,6 +316,7 @@ class TieredKVCache:
             error_norms(keys, k_hat), channel_error_ratio(keys, k_hat, q.key_grid(k_codes.scale, k_codes.zero)[0])], -1)
         tier1.token_notes[blocks] = torch.stack([token_error_norms(values, v_hat), token_norms(v_hat)], dim=-1)
         self.scratch[layer].invalidate(blocks)
+        self.copy.invalidate(layer, blocks.tolist())
 
     def _keep_filled(self, layer: int, blocks: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """A sequence's block that just filled in the tail buffer stays exact in the scratch (no tier-2 fetch: the
@@ -399,13 +403,16 @@ class TieredKVCache:
         return plan
 
     # ---- tier-2 fetches -----------------------------------------------------------------------------------------
-    def promote(self, layer: int, kind: str, blocks: list[int], head: int) -> tuple[int, float]:
-        """Copies exact blocks of one KV head from tier 2 into the scratch; returns (bytes, seconds)."""
+    def promote(self, layer: int, kind: str, blocks: list[int], head: int) -> Fetch | None:
+        """Copies exact blocks of one KV head from tier 2 into the scratch (through the copy engine)."""
         if not blocks:
-            return 0, 0.0
+            return None
         shadow = self.shadow_k[layer] if kind == "k" else self.shadow_v[layer]
-        start = time.perf_counter()
-        data = shadow[torch.tensor(blocks), :, head].to(self.device, non_blocking=True)
+        fetched = self.copy.fetch(layer, kind, shadow, blocks, head)
         index = torch.tensor(blocks, device=self.device)
-        self.scratch[layer].put(kind, index, torch.full_like(index, head), data)
-        return data.numel() * data.element_size(), time.perf_counter() - start
+        self.scratch[layer].put(kind, index, torch.full_like(index, head), fetched.data)
+        return fetched
+
+    def prefetch(self, layer: int, blocks: list[int], head: int) -> None:
+        for kind, shadow in (("k", self.shadow_k[layer]), ("v", self.shadow_v[layer])):
+            self.copy.prefetch(layer, kind, shadow, blocks, head)

@@ -1,0 +1,30 @@
+"""CopyEngine: prefetch hit accounting on a scripted sequence, invalidation, and the data fetched."""
+
+import torch
+
+from engine.kv.copy_engine import CopyEngine
+
+SHADOW = torch.arange(6 * 16 * 2 * 4, dtype=torch.float32).view(6, 16, 2, 4)  # [NB, bs, Hkv, D]
+
+
+def test_scripted_prefetch_hits_and_misses():
+    copy = CopyEngine(torch.device("cpu"))
+    copy.prefetch(0, "k", SHADOW, [1, 2], head=1)
+    first = copy.fetch(0, "k", SHADOW, [1, 3], head=1)  # 1 was prefetched, 3 was not
+    assert first.hits == 1 and torch.equal(first.data, SHADOW[[1, 3], :, 1])
+    copy.invalidate(0, [2])  # block 2 was freed: its prefetched copy must not be used
+    second = copy.fetch(0, "k", SHADOW, [2], head=1)
+    assert second.hits == 0 and copy.pending() == 0
+    copy.prefetch(0, "v", SHADOW, [4], head=0)
+    assert copy.fetch(0, "k", SHADOW, [4], head=0).hits == 0  # keys and values are distinct pieces
+    assert copy.fetch(0, "v", SHADOW, [4], head=0).hits == 1
+    assert (copy.stats.hits, copy.stats.misses) == (2, 3)
+    assert copy.stats.fetch_bytes == 5 * 16 * 4 * 4
+    copy.close()
+
+
+def test_prefetch_off_never_hits():
+    copy = CopyEngine(torch.device("cpu"), prefetch=False)
+    copy.prefetch(0, "k", SHADOW, [1], head=0)
+    assert copy.fetch(0, "k", SHADOW, [1], head=0).hits == 0 and copy.pending() == 0
+    copy.close()
