@@ -33,6 +33,20 @@ class StepFailed(Exception):
         self.request_ids = request_ids
 
 
+@dataclass(frozen=True, slots=True)
+class LiveStats:
+    """What the engine holds now, for metrics (read from another thread: plain numbers only)."""
+
+    running: int
+    waiting: int
+    kv_usage: float  # fraction of KV blocks in use
+    preemptions: int
+    tier_bytes: dict  # tier name -> bytes held
+    prefetch_hits: int
+    prefetch_misses: int
+    certified_fraction: float  # rung-0 evaluations among the certified evaluations of finished requests
+
+
 @dataclass(slots=True)
 class RequestState:
     sampler: SamplerState
@@ -48,6 +62,7 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.spec.max_model_len, num_blocks=self.spec.num_kv_blocks, block_size=config.block_size))
+        self._rungs = [0, 0]  # rung-0 and all certified evaluations of finished requests
 
     def step(self) -> list[RequestOutput]:
         output = self.scheduler.schedule()
@@ -57,7 +72,26 @@ class LLMEngine:
             return []
         requests, tokens, logprobs = self._execute_and_sample(output)
         self.scheduler.update(output, {r.request_id: t for r, t in zip(requests, tokens)})
-        return [self._output(r, t, lp) for r, t, lp in zip(requests, tokens, logprobs)]
+        escalations = self._escalations()
+        return [self._output(r, t, lp, escalations.get(r.request_id, ())) for r, t, lp in
+                zip(requests, tokens, logprobs)]
+
+    def live_stats(self) -> LiveStats:
+        scheduler, cache = self.scheduler, self.runner.cache
+        blocks = self.spec.num_kv_blocks
+        hits, misses = cache.prefetch_counts()
+        return LiveStats(
+            running=len(scheduler.running), waiting=len(scheduler.waiting),
+            kv_usage=(blocks - scheduler.blocks.num_free) / blocks, preemptions=scheduler.num_preemptions,
+            tier_bytes=cache.tier_bytes(blocks - scheduler.blocks.num_free),
+            prefetch_hits=hits, prefetch_misses=misses,
+            certified_fraction=self._rungs[0] / self._rungs[1] if self._rungs[1] else 1.0)
+
+    def _escalations(self) -> dict[str, tuple]:
+        by_request: dict[str, list] = {}
+        for record in self.runner.cache.drain_records():
+            by_request.setdefault(record.request_id, []).append(record)
+        return {rid: tuple(records) for rid, records in by_request.items()}
 
     def score_step(self, forced: dict[str, int]) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
         """Teacher forcing for evaluation: step() with each sampled request's next token taken from `forced`
@@ -150,7 +184,7 @@ class LLMEngine:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
 
-    def _output(self, request: Request, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+    def _output(self, request: Request, token: int, logprob: TokenLogprob | None, escalations=()) -> RequestOutput:
         now = time.monotonic()
         if request.first_token_time is None:
             request.first_token_time = now
@@ -159,8 +193,12 @@ class LLMEngine:
         if detokenizer.stopped and not request.finished:
             self.scheduler.finish(request.request_id, FinishReason.STOP_SEQUENCE)
         if not request.finished:
-            return RequestOutput(request.request_id, (token,), detokenizer.take(), (logprob,) if logprob else ())
+            return RequestOutput(request.request_id, (token,), detokenizer.take(), (logprob,) if logprob else (),
+                                 escalations=escalations)
         certificate = self._release(request.request_id)
+        if certificate is not None and sum(certificate.rungs):
+            self._rungs[0] += certificate.rungs[0]
+            self._rungs[1] += sum(certificate.rungs)
         usage = Usage(
             prompt_tokens=request.num_prompt_tokens, completion_tokens=request.num_output_tokens,
             time_to_first_token_s=request.first_token_time - request.arrival_time,
@@ -169,4 +207,4 @@ class LLMEngine:
             preemptions=request.num_preemptions)
         return RequestOutput(request.request_id, (token,), detokenizer.take(final=True),
                              (logprob,) if logprob else (), request.finish_reason, usage, request.extra.sampler.seed,
-                             certificate)
+                             certificate, escalations)

@@ -192,7 +192,8 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     seed: int | None = None
-    certificate: Any = None  # engine.kv.stats.CertificateSummary on the last output of a tiered engine
+    certificate: Any = None  # engine.kv.stats.CertificateStats on the last output of a tiered engine
+    escalations: tuple = ()  # engine.kv.stats.EscalationRecord of this step
 
     @property
     def finished(self) -> bool:

@@ -26,6 +26,7 @@ from server.config import ServerConfig
 from server.pb.certkv.v1 import inference_pb2 as pb
 from server.pb.certkv.v1 import inference_pb2_grpc as pb_grpc
 from server.service import InferenceService
+from server.telemetry import Telemetry, TelemetryConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,15 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
 
 
 class CertkvServer:
-    def __init__(self, config: ServerConfig, engine_config: EngineConfig, engine: LLMEngine | None = None):
+    def __init__(self, config: ServerConfig, engine_config: EngineConfig, engine: LLMEngine | None = None,
+                 telemetry: Telemetry | None = None):
         self.config = config
         self.engine_config = engine_config
         self.engine = engine  # tests may pass a built engine
         self.async_engine: AsyncEngine | None = None
+        self.telemetry = telemetry or Telemetry(TelemetryConfig(), model_name=engine_config.model)
         self.health = HealthServicer()
-        self.service = InferenceService(config)
+        self.service = InferenceService(config, self.telemetry)
         self.grpc = grpc.aio.server(options=grpc_options(config))
         pb_grpc.add_InferenceServicer_to_server(self.service, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -73,7 +76,10 @@ class CertkvServer:
         if self.engine is None:
             self.engine = await asyncio.to_thread(LLMEngine, self.engine_config)
         tokenizer = await asyncio.to_thread(load_tokenizer, self.engine.spec.model_id)
-        self.async_engine = AsyncEngine(self.engine, self.config.max_pending_requests, on_fatal=self._on_fatal)
+        self.async_engine = AsyncEngine(self.engine, self.config.max_pending_requests, on_fatal=self._on_fatal,
+                                        step_span=self.telemetry.step_span)
+        self.telemetry.watch(self.engine.live_stats)
+        self.telemetry.start_http()
         self.async_engine.start()
         self.service.attach(self.async_engine, tokenizer)
         if self.config.warmup:
@@ -96,6 +102,7 @@ class CertkvServer:
         await self.grpc.stop(self.config.drain_grace_s)
         if self.async_engine is not None:
             await self.async_engine.shutdown()
+        self.telemetry.close()
         log.info("stopped")
 
     async def _warmup(self) -> None:
@@ -112,9 +119,9 @@ class CertkvServer:
         self._fatal = asyncio.ensure_future(self._set_health(NOT_SERVING))
 
 
-async def serve(config: ServerConfig, engine_config: EngineConfig) -> None:
+async def serve(config: ServerConfig, engine_config: EngineConfig, telemetry_config: TelemetryConfig) -> None:
     """Runs until SIGTERM or SIGINT, then drains. Raises if the model cannot be loaded."""
-    server = CertkvServer(config, engine_config)
+    server = CertkvServer(config, engine_config, telemetry=Telemetry(telemetry_config, engine_config.model))
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

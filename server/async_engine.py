@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import Counter, deque
+from collections import deque
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager, nullcontext
 
 from engine.engine import LLMEngine, StepFailed
 from engine.errors import CapacityExceeded, EngineUnavailable, RequestFailed
@@ -22,14 +23,15 @@ log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_pending: int, on_fatal: Callable[[], None] = lambda: None):
-        """`on_fatal` runs on the event loop if the engine thread dies."""
+    def __init__(self, engine: LLMEngine, max_pending: int, on_fatal: Callable[[], None] = lambda: None,
+                 step_span: Callable[[], AbstractContextManager] = nullcontext):
+        """`on_fatal` runs on the event loop if the engine thread dies; `step_span()` wraps each engine step."""
         self.engine = engine
         self.max_pending = max_pending
         self.on_fatal = on_fatal
+        self.step_span = step_span
         self.accepting = False
         self.dead = False
-        self.aborts: Counter[str] = Counter()  # by reason, as the RPC layer reports it
         self._queues: dict[str, asyncio.Queue] = {}
         self._commands: deque[tuple[str, object]] = deque()
         self._wake = threading.Condition()
@@ -124,7 +126,12 @@ class AsyncEngine:
 
     def _step(self) -> None:
         try:
-            outputs = self.engine.step()
+            with self.step_span() as span:
+                outputs = self.engine.step()
+                if span is not None:
+                    span.set_attributes({"requests": len(outputs), "running": len(self.engine.scheduler.running),
+                                         "waiting": len(self.engine.scheduler.waiting),
+                                         "escalations": sum(len(out.escalations) for out in outputs)})
         except StepFailed as exc:
             log.error("engine step failed for %d requests: %s", len(exc.request_ids), exc.__cause__)
             self._post([(rid, RequestFailed("the engine step running this request failed"))

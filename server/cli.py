@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import uvloop
 
 from engine.config import DEFAULT_TOLERANCE, DEVICES, DTYPES, KV_MODES, EngineConfig, parse_bytes
 from server.config import ServerConfig
+from server.telemetry import EXPORTERS, TelemetryConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,11 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--drain-delay", type=float, default=1.0, help="seconds NOT_SERVING before stopping")
     limits.add_argument("--drain-grace", type=float, default=30.0, help="seconds in-flight streams may finish")
     limits.add_argument("--no-warmup", action="store_true", help="report SERVING without a warm-up generation")
+    obs = p.add_argument_group("telemetry")
+    obs.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics port; -1 disables it")
+    obs.add_argument("--trace-exporter", choices=EXPORTERS, default=os.environ.get("OTEL_TRACES_EXPORTER", "none"),
+                     help="OpenTelemetry span exporter (OTEL_* variables configure the SDK)")
+    obs.add_argument("--otlp-endpoint", default=None, help="OTLP gRPC endpoint (default: OTEL_EXPORTER_OTLP_ENDPOINT)")
+    obs.add_argument("--trace-step-ratio", type=float, default=0.0, help="fraction of engine steps traced")
     p.add_argument("--log-level", default="INFO")
     return p
 
 
-def configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
+def configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig, TelemetryConfig]:
     server = ServerConfig(
         host=args.host, port=args.port, max_pending_requests=args.max_pending_requests,
         max_prompt_chars=args.max_prompt_chars, max_message_bytes=args.max_message_bytes,
@@ -68,7 +76,10 @@ def configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
         max_new_tokens_default=args.max_new_tokens_default, threads=args.threads, kv_mode=args.kv_mode,
         tolerance=args.tolerance, k_bits=args.k_bits, v_bits=args.v_bits, quantizer=args.quantizer,
         scratch_blocks=args.scratch_blocks, shadow_memory=args.shadow_memory, prefetch=not args.no_prefetch)
-    return server, engine
+    telemetry = TelemetryConfig(trace_exporter=args.trace_exporter, otlp_endpoint=args.otlp_endpoint,
+                                step_sample_ratio=args.trace_step_ratio,
+                                metrics_port=None if args.metrics_port < 0 else args.metrics_port)
+    return server, engine, telemetry
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,13 +87,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        server_config, engine_config = configs(args)
+        server_config, engine_config, telemetry_config = configs(args)
     except ValueError as exc:
         parser.error(str(exc))
     from server.app import serve  # after argument parsing: importing torch and transformers takes seconds
 
     try:
-        uvloop.run(serve(server_config, engine_config))
+        uvloop.run(serve(server_config, engine_config, telemetry_config))
     except (FileNotFoundError, ValueError) as exc:
         logging.getLogger("certkv").error("cannot start: %s", exc)
         sys.exit(1)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 
 import grpc
+from opentelemetry.trace import Status, StatusCode
 
 from engine.errors import EngineError, EngineUnavailable, InvalidRequest
 from engine.request import Request
@@ -21,13 +23,15 @@ from server.async_engine import AsyncEngine
 from server.config import ServerConfig
 from server.pb.certkv.v1 import inference_pb2 as pb
 from server.pb.certkv.v1 import inference_pb2_grpc as pb_grpc
+from server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
 
 class InferenceService(pb_grpc.InferenceServicer):
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, telemetry: Telemetry):
         self.config = config
+        self.telemetry = telemetry
         self.engine: AsyncEngine | None = None  # attached once the model is loaded
         self.tokenizer = None  # the front end's own instance: the engine thread decodes with another
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="certkv-tokenize")
@@ -36,28 +40,41 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.engine, self.tokenizer = engine, tokenizer
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        with self.telemetry.rpc_span("Generate", context.invocation_metadata()) as span:
+            async for message in self._generate(request, context, span):
+                yield message
+
+    async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, span):
         admitted = finished = False
+        metrics, last = self.telemetry.metrics, None
         try:
             engine = self._ready()
             client_id = convert.request_id(request) or uuid.uuid4().hex
             prepared = await self._prepare(request, engine)
+            span.set_attributes({"request_id": client_id, "kv.mode": prepared.kv.mode.value,
+                                 "prompt_tokens": prepared.num_prompt_tokens})
             async with aclosing(engine.generate(prepared)) as outputs:
                 admitted = True
                 async for output in outputs:
-                    finished = output.finished
+                    now = time.monotonic()
+                    metrics.output(output, None if last is None else now - last)
+                    self.telemetry.escalations(span, output.escalations)
+                    last, finished = now, output.finished
                     yield convert.response(output, client_id)
         except EngineError as exc:
             finished = True
-            await _abort(context, exc)
+            await self._refuse(context, span, exc)
         except Exception:
             finished = True
             log.exception("Generate failed")
+            metrics.rejections.labels(metrics.model_name, "INTERNAL").inc()
             await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged on the server)")
         finally:
             if admitted and not finished:  # the client went away (cancel, deadline, disconnect, server stop)
                 remaining = context.time_remaining()
                 reason = "deadline" if remaining is not None and remaining <= 0 else "cancelled"
-                self.engine.aborts[reason] += 1
+                metrics.aborts.labels(metrics.model_name, reason).inc()
+                span.set_attribute("aborted", reason)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         try:
@@ -71,14 +88,22 @@ class InferenceService(pb_grpc.InferenceServicer):
                 raise InvalidRequest("input", "one of text or messages is required")
             return pb.TokenizeResponse(token_ids=ids, tokens=self.tokenizer.convert_ids_to_tokens(ids))
         except EngineError as exc:
-            await _abort(context, exc)
+            await self._refuse(context, None, exc)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
             engine = self._ready().engine
             return convert.model_info(engine.spec, engine.config)
         except EngineError as exc:
-            await _abort(context, exc)
+            await self._refuse(context, None, exc)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, span, error: EngineError) -> None:
+        code, details, metadata = convert.status_for(error)
+        metrics = self.telemetry.metrics
+        metrics.rejections.labels(metrics.model_name, code.name).inc()
+        if span is not None:
+            span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}"))
+        await context.abort(code, details, trailing_metadata=metadata)
 
     def _ready(self) -> AsyncEngine:
         if self.engine is None:
@@ -129,7 +154,3 @@ class InferenceService(pb_grpc.InferenceServicer):
             raise InvalidRequest("input.messages", f"the chat template rejected the messages: {exc}") from exc
         return await self._encode(text, "input.messages", add_special_tokens=False)
 
-
-async def _abort(context: grpc.aio.ServicerContext, error: EngineError) -> None:
-    code, details, metadata = convert.status_for(error)
-    await context.abort(code, details, trailing_metadata=metadata)

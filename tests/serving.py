@@ -30,13 +30,13 @@ def slow_down(engine: LLMEngine, seconds: float) -> None:
 
 @contextlib.asynccontextmanager
 async def running_server(model: Path, step_delay: float = 0.0, server_overrides: dict | None = None,
-                         **engine_overrides):
+                         telemetry=None, **engine_overrides):
     engine_config = EngineConfig(**({"model": str(model), "num_kv_blocks": 128, "kv_mode": "dense"} | engine_overrides))
     engine = await asyncio.to_thread(LLMEngine, engine_config)
     if step_delay:
         slow_down(engine, step_delay)
     config = ServerConfig(**({"port": 0, "drain_delay_s": 0.0, "drain_grace_s": 2.0} | (server_overrides or {})))
-    server = CertkvServer(config, engine_config, engine)
+    server = CertkvServer(config, engine_config, engine, telemetry)
     await server.start()
     await server.load()
     try:
@@ -67,6 +67,13 @@ async def wait_quiescent(server: CertkvServer, timeout: float = 3.0) -> None:
         await asyncio.sleep(0.01)
     raise AssertionError(f"not quiescent: pending={server.async_engine.num_pending} "
                          f"requests={list(engine.scheduler.requests)} free={engine.scheduler.blocks.num_free}")
+
+
+def aborts(server: CertkvServer, reason: str) -> float:
+    """certkv_aborts_total{reason} as the server's Prometheus registry holds it."""
+    value = server.telemetry.registry.get_sample_value(
+        "certkv_aborts_total", {"model_name": server.telemetry.model_name, "reason": reason})
+    return value or 0.0
 
 
 def greedy(prompt_ids, max_new: int, **stopping) -> pb.GenerateRequest:

@@ -12,7 +12,7 @@ from server import client as cli
 from server.pb.certkv.v1 import inference_pb2 as pb
 from server.pb.certkv.v1 import inference_pb2_grpc as pb_grpc
 from tests.helpers import hf_greedy
-from tests.serving import channel_to, collect, greedy, running_server, wait_quiescent
+from tests.serving import aborts, channel_to, collect, greedy, running_server, wait_quiescent
 
 PROMPT = [400, 500, 600, 700, 800]
 
@@ -88,7 +88,7 @@ async def test_bad_input_gets_invalid_argument_naming_the_field(server, field, r
 
 
 async def test_cancel_mid_stream_frees_blocks(server):
-    before = server.async_engine.aborts["cancelled"]
+    before = aborts(server, "cancelled")
     async with channel_to(server) as (stub, _):
         for _ in range(5):
             call = stub.Generate(greedy(PROMPT, 300))
@@ -97,17 +97,17 @@ async def test_cancel_mid_stream_frees_blocks(server):
                     break
             call.cancel()
             await wait_quiescent(server, timeout=1.0)
-    assert server.async_engine.aborts["cancelled"] - before == 5
+    assert aborts(server, "cancelled") - before == 5
 
 
 async def test_deadline_mid_stream_frees_blocks(server):
-    before = server.async_engine.aborts["deadline"]
+    before = aborts(server, "deadline")
     async with channel_to(server) as (stub, _):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await collect(stub, greedy(PROMPT, 300), timeout=0.3)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     await wait_quiescent(server, timeout=1.0)
-    assert server.async_engine.aborts["deadline"] - before == 1
+    assert aborts(server, "deadline") - before == 1
 
 
 async def test_concurrent_streams_equal_their_solo_runs(server, tiny_llama):

@@ -27,3 +27,12 @@ class KVCache(Protocol):
 
     def pop_stats(self, request_id: str) -> object | None:
         """The request's certificate aggregates (engine.kv.stats.CertificateStats), or None for a dense cache."""
+
+    def drain_records(self) -> list:
+        """Escalation records since the last call (engine.kv.stats.EscalationRecord)."""
+
+    def tier_bytes(self, blocks_used: int) -> dict[str, int]:
+        """Bytes held per tier with `blocks_used` blocks allocated (for metrics)."""
+
+    def prefetch_counts(self) -> tuple[int, int]:
+        """Tier-2 pieces fetched so far that a prefetch had (hits) and had not (misses)."""

@@ -37,3 +37,13 @@ class PagedKVCache:
 
     def pop_stats(self, request_id: str) -> None:
         return None
+
+    def drain_records(self) -> list:
+        return []
+
+    def prefetch_counts(self) -> tuple[int, int]:
+        return 0, 0
+
+    def tier_bytes(self, blocks_used: int) -> dict[str, int]:
+        per_block = self.k[0][0].numel() * self.k[0].element_size() * 2 * len(self.k)
+        return {"dense": blocks_used * per_block}

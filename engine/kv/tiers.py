@@ -196,6 +196,16 @@ class TieredKVCache:
     def tier2_bytes_per_token(self) -> float:
         return 2 * self.head_dim * self.dtype.itemsize
 
+    def prefetch_counts(self) -> tuple[int, int]:
+        return self.copy.stats.hits, self.copy.stats.misses
+
+    def tier_bytes(self, blocks_used: int) -> dict[str, int]:
+        tokens_heads = blocks_used * self.block_size * self.kv_heads * len(self.layers)
+        scratch_piece = self.block_size * self.head_dim * self.dtype.itemsize
+        return {"tier1": int(tokens_heads * self.tier1_bytes_per_token()),
+                "tier2": int(tokens_heads * self.tier2_bytes_per_token()),
+                "scratch": sum(s.used() for s in self.scratch) * scratch_piece}
+
     def register(self, request_id: str, mode: KVMode, tolerance: float) -> None:
         self.stats.setdefault(request_id, CertificateStats(mode, tolerance))
 
