@@ -11,7 +11,7 @@ PORT ?= 50051
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup model proto serve test bench clean corpus evaluate
+.PHONY: setup model proto serve test bench loadtest clean corpus evaluate
 
 setup: $(INSTALLED) $(STUBS)
 
@@ -39,6 +39,9 @@ test: setup $(MODEL)
 
 bench: setup $(MODEL)
 	$(BIN)/python loadtest/bench_throughput.py
+
+loadtest: setup $(MODEL)
+	$(BIN)/python loadtest/run_loadtest.py
 
 clean:
 	rm -rf $(VENV) server/pb .pytest_cache .hypothesis

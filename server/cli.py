@@ -14,9 +14,16 @@ from server.config import ServerConfig
 from server.telemetry import EXPORTERS, TelemetryConfig
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reads `@file` arguments one per line (blank lines skipped): the Helm chart's ConfigMap is such a file."""
+
+    def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
+        return [arg_line.strip()] if arg_line.strip() else []
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m server", description="certkv gRPC inference server",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="python -m server", description="certkv gRPC inference server", fromfile_prefix_chars="@",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in containers)")
     net.add_argument("--port", type=int, default=50051)

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
     p.add_argument("--json", action="store_true", help="one JSON line per response message")
     p.add_argument("--info", action="store_true", help="print GetModelInfo and exit")
+    p.add_argument("--health", action="store_true",
+                   help="exit 0 if grpc.health.v1 reports certkv.v1.Inference SERVING, 1 otherwise")
     return p
 
 
@@ -75,9 +77,25 @@ def build_request(args: argparse.Namespace) -> pb.GenerateRequest:
     return request
 
 
+def health(target: str, timeout: float) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="certkv.v1.Inference"), timeout=min(timeout, 5.0))
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.health:
+        return health(args.target, args.timeout)
     if not args.info and args.prompt is None:
         parser.error("a prompt is required")
     with grpc.insecure_channel(args.target) as channel:

@@ -1,0 +1,31 @@
+"""A short locust run against a real in-process server: the gRPC streaming user reports TTFT, inter-token latency and
+whole-stream entries with no failures (the smoke version of `make loadtest`)."""
+
+import asyncio
+import csv
+import os
+import sys
+from pathlib import Path
+
+from tests.serving import running_server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def test_locust_smoke(tiny_llama, tmp_path):
+    async with running_server(tiny_llama, kv_mode="certified") as server:
+        prefix = tmp_path / "smoke"
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless", "-u", "2",
+            "-r", "2", "-t", "6s", "-H", f"grpc://127.0.0.1:{server.port}", "--only-summary", "--csv", str(prefix),
+            env=os.environ | {"CERTKV_MAX_NEW": "8", "CERTKV_PROMPT_MIX": "short"},
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
+        assert process.returncode == 0, stderr.decode()[-2000:]
+    rows = {row["Name"]: row for row in csv.DictReader(open(f"{prefix}_stats.csv"))}
+    total = rows["Generate/total"]
+    assert int(total["Request Count"]) > 2 and int(total["Failure Count"]) == 0
+    assert float(total["Average Content Size"]) == 8  # tokens per stream
+    finished, started = int(total["Request Count"]), int(rows["Generate/ttft"]["Request Count"])
+    assert finished <= started <= finished + 2  # the time limit can stop each user's stream midway
+    assert int(rows["Generate/itl"]["Request Count"]) >= 7 * finished
