@@ -25,6 +25,7 @@ from server.async_engine import AsyncEngine
 from server.config import ServerConfig
 from server.pb.certkv.v1 import inference_pb2 as pb
 from server.pb.certkv.v1 import inference_pb2_grpc as pb_grpc
+from server.security import GuardInterceptor, server_credentials
 from server.service import InferenceService
 from server.telemetry import Telemetry, TelemetryConfig
 
@@ -56,19 +57,31 @@ class CertkvServer:
         self.telemetry = telemetry or Telemetry(TelemetryConfig(), model_name=engine_config.model)
         self.health = HealthServicer()
         self.service = InferenceService(config, self.telemetry)
-        self.grpc = grpc.aio.server(options=grpc_options(config))
+        security = config.security
+        guards = [GuardInterceptor(security, self._rejected)] if security.auth or security.rate_limit else []
+        self.grpc = grpc.aio.server(options=grpc_options(config), interceptors=guards)
         pb_grpc.add_InferenceServicer_to_server(self.service, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.grpc)
         self.port: int | None = None
+        self.health_port: int | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._draining: asyncio.Future | None = None
 
     async def start(self) -> int:
-        self.port = self.grpc.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        credentials = server_credentials(self.config.security)
+        self.port = (self.grpc.add_secure_port(address, credentials) if credentials
+                     else self.grpc.add_insecure_port(address))
         await self._set_health(NOT_SERVING)
         await self.grpc.start()
+        if self.config.health_port is not None:
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(f"{self.config.host}:{self.config.health_port}")
+            await self._health_server.start()
         log.info("listening on %s:%d (NOT_SERVING until the model is loaded)", self.config.host, self.port)
         return self.port
 
@@ -100,6 +113,8 @@ class CertkvServer:
             self.async_engine.accepting = False
         await asyncio.sleep(self.config.drain_delay_s)
         await self.grpc.stop(self.config.drain_grace_s)
+        if self._health_server is not None:
+            await self._health_server.stop(None)
         if self.async_engine is not None:
             await self.async_engine.shutdown()
         self.telemetry.close()
@@ -114,6 +129,10 @@ class CertkvServer:
     async def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+
+    def _rejected(self, code: str) -> None:
+        metrics = self.telemetry.metrics
+        metrics.rejections.labels(metrics.model_name, code).inc()
 
     def _on_fatal(self) -> None:
         self._fatal = asyncio.ensure_future(self._set_health(NOT_SERVING))

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
 import sys
 
 import uvloop
 
 from engine.config import DEFAULT_TOLERANCE, DEVICES, DTYPES, KV_MODES, EngineConfig, parse_bytes
 from server.config import ServerConfig
+from server.security import SecurityConfig, read_api_keys
 from server.telemetry import EXPORTERS, TelemetryConfig
 
 
@@ -55,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--shadow-memory", type=parse_bytes, default="2GiB",
                     help="host bytes for tier-2 shadows; with --kv-cache-memory it caps the number of blocks")
     kv.add_argument("--no-prefetch", action="store_true", help="fetch tier-2 blocks only when an escalation needs them")
+    sec = p.add_argument_group("security")
+    sec.add_argument("--api-key-file", type=Path, help="bearer tokens, one per line as name:token (health exempt)")
+    sec.add_argument("--rate-limit", type=float, default=0.0, help="requests per second per client (0: off)")
+    sec.add_argument("--rate-burst", type=int, default=10)
+    sec.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM); with --tls-key enables TLS")
+    sec.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    sec.add_argument("--tls-client-ca", type=Path, help="CA of accepted client certificates: mutual TLS")
+    sec.add_argument("--health-port", type=int, default=None,
+                     help="also serve grpc.health.v1 in plaintext on this port (Kubernetes probes when TLS is on)")
     limits = p.add_argument_group("admission and lifecycle")
     limits.add_argument("--max-pending-requests", type=int, default=256, help="beyond: RESOURCE_EXHAUSTED")
     limits.add_argument("--max-prompt-chars", type=int, default=1 << 20)
@@ -72,10 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig, TelemetryConfig]:
+    def read(path):
+        return path.read_bytes() if path else None
+
+    security = SecurityConfig(
+        api_keys=read_api_keys(args.api_key_file) if args.api_key_file else (), rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst, tls_cert=read(args.tls_cert), tls_key=read(args.tls_key),
+        tls_client_ca=read(args.tls_client_ca))
     server = ServerConfig(
         host=args.host, port=args.port, max_pending_requests=args.max_pending_requests,
         max_prompt_chars=args.max_prompt_chars, max_message_bytes=args.max_message_bytes,
-        drain_delay_s=args.drain_delay, drain_grace_s=args.drain_grace, warmup=not args.no_warmup)
+        drain_delay_s=args.drain_delay, drain_grace_s=args.drain_grace, warmup=not args.no_warmup,
+        security=security, health_port=args.health_port)
     engine = EngineConfig(
         model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
@@ -95,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         server_config, engine_config, telemetry_config = configs(args)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         parser.error(str(exc))
     from server.app import serve  # after argument parsing: importing torch and transformers takes seconds
 

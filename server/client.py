@@ -7,7 +7,9 @@ message as one JSON line; --info prints the model description. Exit status 1 wit
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToJson
@@ -42,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-mode", choices=sorted(MODES))
     p.add_argument("--tolerance", type=float)
     p.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    p.add_argument("--api-key", default=os.environ.get("CERTKV_API_KEY"), help="bearer token (or CERTKV_API_KEY)")
+    p.add_argument("--tls-ca", type=Path, help="trust this CA (PEM) and connect with TLS")
+    p.add_argument("--tls-cert", type=Path, help="client certificate for mutual TLS")
+    p.add_argument("--tls-key", type=Path, help="client key for mutual TLS")
     p.add_argument("--json", action="store_true", help="one JSON line per response message")
     p.add_argument("--info", action="store_true", help="print GetModelInfo and exit")
     p.add_argument("--health", action="store_true",
@@ -77,13 +83,23 @@ def build_request(args: argparse.Namespace) -> pb.GenerateRequest:
     return request
 
 
-def health(target: str, timeout: float) -> int:
+def channel_for(args: argparse.Namespace) -> grpc.Channel:
+    if args.tls_ca is None:
+        return grpc.insecure_channel(args.target)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=args.tls_ca.read_bytes(),
+        private_key=args.tls_key.read_bytes() if args.tls_key else None,
+        certificate_chain=args.tls_cert.read_bytes() if args.tls_cert else None)
+    return grpc.secure_channel(args.target, credentials)
+
+
+def health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(target) as channel:
+    with channel_for(args) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="certkv.v1.Inference"), timeout=min(timeout, 5.0))
+                health_pb2.HealthCheckRequest(service="certkv.v1.Inference"), timeout=min(args.timeout, 5.0))
         except grpc.RpcError as exc:
             print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -95,17 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.health:
-        return health(args.target, args.timeout)
+        return health(args)
     if not args.info and args.prompt is None:
         parser.error("a prompt is required")
-    with grpc.insecure_channel(args.target) as channel:
+    metadata = (("authorization", f"Bearer {args.api_key}"),) if args.api_key else ()
+    with channel_for(args) as channel:
         stub = pb_grpc.InferenceStub(channel)
         try:
             if args.info:
-                print(MessageToJson(stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=args.timeout)))
+                print(MessageToJson(stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=args.timeout,
+                                                      metadata=metadata)))
                 return 0
             last = None
-            for message in stub.Generate(build_request(args), timeout=args.timeout):
+            for message in stub.Generate(build_request(args), timeout=args.timeout, metadata=metadata):
                 if args.json:
                     print(MessageToJson(message, indent=None), flush=True)
                 else:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from server.security import SecurityConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,6 +17,8 @@ class ServerConfig:
     drain_delay_s: float = 1.0  # NOT_SERVING is visible this long before the server stops accepting
     drain_grace_s: float = 30.0  # in-flight streams may finish within this; then they are cancelled
     warmup: bool = True  # one-token generation before SERVING
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    health_port: int | None = None  # a plaintext port serving only grpc.health.v1 (probes when TLS is on)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

@@ -84,7 +84,7 @@ def test_pod_is_restricted_and_drains_before_it_is_killed():
     assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
     assert not {"hostNetwork", "hostPID", "hostIPC"} & set(pod)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == 50051
+        assert container[probe]["grpc"]["port"] == 50052  # the plaintext health port
     values = yaml.safe_load((CHART / "values.yaml").read_text())["server"]
     assert pod["terminationGracePeriodSeconds"] > values["drainDelaySeconds"] + values["drainGraceSeconds"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -101,7 +101,7 @@ def test_configmap_args_are_the_servers_flags(tmp_path):
     server, engine, telemetry = configs(build_parser().parse_args([f"@{args_file}"]))
     assert (server.host, server.port, engine.kv_mode, engine.tolerance, engine.max_model_len) == (
         "0.0.0.0", 50051, "audit", 0.2, 4096)
-    assert telemetry.metrics_port == 9400
+    assert telemetry.metrics_port == 9400 and server.health_port == 50052
 
 
 def test_secrets_are_mounted_files_only():
