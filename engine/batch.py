@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from engine.request import KVPolicy
+from engine.request import KVPolicy, Request
 from engine.scheduler import SchedulerOutput
 
 
@@ -33,6 +33,7 @@ class ForwardBatch:
     sample_ids: list[str]  # S: the request of each sampled row
     block_ids: list[list[int]]  # B: each sequence's block table as a list (what the tiered cache plans with)
     kv: list[KVPolicy]  # B: each sequence's KV mode and tolerance
+    client_ids: list[str]  # B: the callers' ids (for records and fault targets; not unique)
     block_size: int
     cache_meta: Any = field(default=None)  # filled once per step by the KV cache's prepare(); read only by it
 
@@ -45,7 +46,8 @@ class ForwardBatch:
 
 
 def build_forward_batch(output: SchedulerOutput, block_size: int, device: torch.device,
-                        kv: list[KVPolicy]) -> ForwardBatch:
+                        requests: list[Request]) -> ForwardBatch:
+    """`requests` are the scheduled requests, in the order of output.scheduled."""
     input_ids, positions, slots, starts, query_starts = [], [], [], [], [0]
     decode_seqs, decode_rows, prefill_seqs, logits_rows, sample_ids = [], [], [], [], []
     for seq, item in enumerate(output.scheduled):
@@ -85,6 +87,7 @@ def build_forward_batch(output: SchedulerOutput, block_size: int, device: torch.
         logits_indices=tensor(logits_rows),
         sample_ids=sample_ids,
         block_ids=[item.block_ids for item in output.scheduled],
-        kv=kv,
+        kv=[request.kv for request in requests],
+        client_ids=[request.client_id for request in requests],
         block_size=block_size,
     )

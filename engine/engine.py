@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from engine.config import EngineConfig, ModelSpec
 from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import InvalidRequest
+from engine.errors import DataLoss, EngineError, InvalidRequest, RequestFailed
+from engine.faults import NO_FAULTS, FaultPlan, ShadowError
 from engine.model_runner import ModelRunner
 from engine.request import (FinishReason, KVMode, KVPolicy, Request, RequestOutput, SamplingParams, StoppingParams,
                             TokenLogprob, Usage)
@@ -26,11 +27,12 @@ log = logging.getLogger(__name__)
 
 
 class StepFailed(Exception):
-    """A forward pass or sampling raised; the requests of that step were aborted, every other one is intact."""
+    """A forward pass or sampling raised. The requests in `errors` were aborted with that error; the step's other
+    requests were not advanced and run again at the next step (their K/V writes are idempotent)."""
 
-    def __init__(self, request_ids: list[str]):
-        super().__init__(f"step failed for {len(request_ids)} requests")
-        self.request_ids = request_ids
+    def __init__(self, errors: dict[str, EngineError]):
+        super().__init__(f"step failed for {len(errors)} requests")
+        self.errors = errors
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +56,9 @@ class RequestState:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, faults: FaultPlan = NO_FAULTS):
         self.config = config
-        self.runner = ModelRunner(config)
+        self.runner = ModelRunner(config, faults)
         self.spec: ModelSpec = self.runner.spec
         self.tokenizer = self.runner.tokenizer
         self.scheduler = Scheduler(SchedulerConfig(
@@ -87,10 +89,13 @@ class LLMEngine:
             prefetch_hits=hits, prefetch_misses=misses,
             certified_fraction=self._rungs[0] / self._rungs[1] if self._rungs[1] else 1.0)
 
+    def _scheduled(self, output: SchedulerOutput) -> list[Request]:
+        return [self.scheduler.requests[item.request_id] for item in output.scheduled]
+
     def _escalations(self) -> dict[str, tuple]:
         by_request: dict[str, list] = {}
         for record in self.runner.cache.drain_records():
-            by_request.setdefault(record.request_id, []).append(record)
+            by_request.setdefault(record.engine_id, []).append(record)
         return {rid: tuple(records) for rid, records in by_request.items()}
 
     def score_step(self, forced: dict[str, int]) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
@@ -102,8 +107,7 @@ class LLMEngine:
             self.runner.cache.release(request_id)
         if not output.scheduled:
             return {}, {}
-        batch, logits = self.runner.execute(output, [self.scheduler.requests[s.request_id].kv
-                                                     for s in output.scheduled])
+        batch, logits = self.runner.execute(output, self._scheduled(output))
         finished = self.scheduler.update(output, {rid: forced[rid] for rid in batch.sample_ids})
         return dict(zip(batch.sample_ids, logits)), {r.request_id: self._release(r.request_id) for r in finished}
 
@@ -111,16 +115,21 @@ class LLMEngine:
         """Forward pass and sampling; on any exception the step's requests are aborted and StepFailed raised."""
         self._mark_scheduled(output.scheduled)
         try:
-            batch, logits = self.runner.execute(output, [self.scheduler.requests[s.request_id].kv
-                                                         for s in output.scheduled])
+            batch, logits = self.runner.execute(output, self._scheduled(output))
             requests = [self.scheduler.requests[rid] for rid in batch.sample_ids]
             tokens, logprobs = sample(logits, requests, [r.extra.sampler for r in requests])
             return requests, tokens, logprobs
-        except Exception as exc:
-            failed = [item.request_id for item in output.scheduled]
-            for request_id in failed:
-                self.abort(request_id)
-            raise StepFailed(failed) from exc
+        except ShadowError as exc:  # exactness impossible for these requests only
+            log.error("step abandoned: %s", exc)
+            failed = {rid: DataLoss(f"{exc.reason}: the exact fallback is impossible") for rid in exc.request_ids}
+        except Exception:
+            log.exception("engine step failed")
+            failed = {item.request_id: RequestFailed("the engine step running this request failed")
+                      for item in output.scheduled}
+        self.runner.cache.drain_records()  # escalations of the abandoned pass
+        for request_id in failed:
+            self.abort(request_id)
+        raise StepFailed(failed)
 
     def validate(self, prompt_ids: list[int], stopping: StoppingParams) -> None:
         """Raises InvalidRequest when the request can never run on this engine. Reads only frozen state."""
@@ -151,14 +160,14 @@ class LLMEngine:
         return KVPolicy(mode, self.config.tolerance if tolerance is None else tolerance)
 
     def new_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
-                    stopping: StoppingParams, kv: KVPolicy | None = None) -> Request:
+                    stopping: StoppingParams, kv: KVPolicy | None = None, client_id: str = "") -> Request:
         self.validate(prompt_ids, stopping)
         kv = kv or self.kv_policy(None, None)
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
         state = RequestState(new_state(seed, self.runner.device),
                              IncrementalDetokenizer(self.tokenizer, prompt_ids, stopping.stop))
         return Request(request_id, list(prompt_ids), sampling, stopping, eos_token_ids=self.spec.eos_token_ids,
-                       kv=kv, extra=state)
+                       kv=kv, client_id=client_id, extra=state)
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add(request)

@@ -11,10 +11,11 @@ from transformers.utils import logging as hf_logging
 from engine.attention import ATTN_IMPLEMENTATION, register
 from engine.batch import ForwardBatch, build_forward_batch
 from engine.config import EngineConfig, ModelSpec
+from engine.faults import NO_FAULTS, FaultPlan
 from engine.kv.paged import PagedKVCache
 from engine.kv.quantizers import make_quantizer
 from engine.kv.tiers import TieredKVCache
-from engine.request import KVPolicy
+from engine.request import Request
 from engine.scheduler import SchedulerOutput
 from engine.weights import resolve_model
 
@@ -67,7 +68,8 @@ def eos_ids(model, tokenizer) -> tuple[int, ...]:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, faults: FaultPlan = NO_FAULTS):
+        self.faults = faults
         register()
         hf_logging.disable_progress_bar()
         if config.threads:
@@ -121,12 +123,13 @@ class ModelRunner:
             raise ValueError(f"model: head_dim {spec.head_dim} is not a multiple of 16 (value groups)")
         return TieredKVCache(spec.num_layers, spec.num_kv_blocks, config.block_size, spec.num_kv_heads, spec.head_dim,
                              self.dtype, self.device, make_quantizer(config.quantizer, config.k_bits, config.v_bits),
-                             config.max_num_seqs, config.scratch_blocks, config.prefetch)
+                             config.max_num_seqs, config.scratch_blocks, config.prefetch, self.faults)
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput, kv: list[KVPolicy]) -> tuple[ForwardBatch, torch.Tensor]:
+    def execute(self, output: SchedulerOutput, requests: list[Request]) -> tuple[ForwardBatch, torch.Tensor]:
         """Runs the scheduled tokens; returns the batch and the float32 logits [S, vocab] of its sampled rows."""
-        batch = build_forward_batch(output, self.spec.block_size, self.device, kv)
+        self.faults.before_step()
+        batch = build_forward_batch(output, self.spec.block_size, self.device, requests)
         self.cache.prepare(batch)
         result = self.model(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
                             logits_to_keep=batch.logits_indices, use_cache=False, forward_batch=batch,

@@ -117,6 +117,7 @@ class Request:
     stopping: StoppingParams
     eos_token_ids: tuple[int, ...] = ()
     kv: KVPolicy = field(default_factory=KVPolicy)
+    client_id: str = ""  # the caller's id (not unique): logs, spans, escalation records, fault targets
     arrival_time: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(default_factory=list)  # prompt + output, grows by one per sampled token
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
@@ -130,6 +131,8 @@ class Request:
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        if not self.client_id:
+            self.client_id = self.request_id
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager, nullcontext
 
 from engine.engine import LLMEngine, StepFailed
-from engine.errors import CapacityExceeded, EngineUnavailable, RequestFailed
+from engine.errors import CapacityExceeded, EngineUnavailable
 from engine.request import Request, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -133,9 +133,8 @@ class AsyncEngine:
                                          "waiting": len(self.engine.scheduler.waiting),
                                          "escalations": sum(len(out.escalations) for out in outputs)})
         except StepFailed as exc:
-            log.error("engine step failed for %d requests: %s", len(exc.request_ids), exc.__cause__)
-            self._post([(rid, RequestFailed("the engine step running this request failed"))
-                        for rid in exc.request_ids])
+            log.error("engine step failed for %d requests", len(exc.errors))
+            self._post(list(exc.errors.items()))
             return
         self._post([(out.request_id, out) for out in outputs])
 

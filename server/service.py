@@ -50,7 +50,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         try:
             engine = self._ready()
             client_id = convert.request_id(request) or uuid.uuid4().hex
-            prepared = await self._prepare(request, engine)
+            prepared = await self._prepare(request, engine, client_id)
             span.set_attributes({"request_id": client_id, "kv.mode": prepared.kv.mode.value,
                                  "prompt_tokens": prepared.num_prompt_tokens})
             async with aclosing(engine.generate(prepared)) as outputs:
@@ -110,13 +110,13 @@ class InferenceService(pb_grpc.InferenceServicer):
             raise EngineUnavailable("the model is still loading")
         return self.engine
 
-    async def _prepare(self, message: pb.GenerateRequest, engine: AsyncEngine) -> Request:
+    async def _prepare(self, message: pb.GenerateRequest, engine: AsyncEngine, client_id: str) -> Request:
         llm = engine.engine
         sampling = convert.sampling_params(message)
         kv = llm.kv_policy(*convert.kv_choice(message))
         prompt_ids = await self._prompt_ids(message)
         stopping = convert.stopping_params(message, llm.default_max_new_tokens(len(prompt_ids)))
-        return llm.new_request(uuid.uuid4().hex, prompt_ids, sampling, stopping, kv)
+        return llm.new_request(uuid.uuid4().hex, prompt_ids, sampling, stopping, kv, client_id=client_id)
 
     async def _prompt_ids(self, message: pb.GenerateRequest) -> list[int]:
         which = message.WhichOneof("input")

@@ -30,9 +30,9 @@ def slow_down(engine: LLMEngine, seconds: float) -> None:
 
 @contextlib.asynccontextmanager
 async def running_server(model: Path, step_delay: float = 0.0, server_overrides: dict | None = None,
-                         telemetry=None, **engine_overrides):
+                         telemetry=None, faults=None, **engine_overrides):
     engine_config = EngineConfig(**({"model": str(model), "num_kv_blocks": 128, "kv_mode": "dense"} | engine_overrides))
-    engine = await asyncio.to_thread(LLMEngine, engine_config)
+    engine = await asyncio.to_thread(LLMEngine, engine_config, *([faults] if faults else []))
     if step_delay:
         slow_down(engine, step_delay)
     config = ServerConfig(**({"port": 0, "drain_delay_s": 0.0, "drain_grace_s": 2.0} | (server_overrides or {})))

@@ -16,7 +16,7 @@ from engine.batch import build_forward_batch
 from engine.kv.escalation import check
 from engine.kv.quantizers import MinMaxQuantizer, error_norms
 from engine.kv.tiers import Scratch, TieredKVCache
-from engine.request import KVMode, KVPolicy
+from engine.request import KVMode, KVPolicy, Request, SamplingParams, StoppingParams
 from engine.scheduler import ScheduledRequest, SchedulerOutput
 from kernels import certified_decode
 
@@ -47,7 +47,8 @@ class Harness:
                 table.append(self.next_block)
                 self.next_block += 1
             scheduled.append(ScheduledRequest(rid, [0] * len(k), start, list(table), True))
-        batch = build_forward_batch(SchedulerOutput(scheduled, []), BS, torch.device("cpu"), [policy] * len(chunks))
+        requests = [Request(rid, [0], SamplingParams(), StoppingParams(1), kv=policy) for rid in chunks]
+        batch = build_forward_batch(SchedulerOutput(scheduled, []), BS, torch.device("cpu"), requests)
         self.cache.prepare(batch)
         k_all = torch.cat([k for k, _ in chunks.values()])
         v_all = torch.cat([v for _, v in chunks.values()])

@@ -109,8 +109,9 @@ class Ladder:
                 continue
             values, keys = choice
             allowance -= len(values) + len(keys)
-            fetched = [f for f in (cache.promote(layer, "v", [b for _, b in values], h),
-                                   cache.promote(layer, "k", keys, h)) if f is not None]
+            ids = plan.request_ids[i], plan.client_ids[i]
+            fetched = [f for f in (cache.promote(layer, "v", [b for _, b in values], h, *ids),
+                                   cache.promote(layer, "k", keys, h, *ids)) if f is not None]
             moved[(i, h)] = (len(values) + len(keys), sum(f.bytes for f in fetched), sum(f.seconds for f in fetched),
                              all(f.hits == len(f.data) for f in fetched))
             if keys:
@@ -126,11 +127,11 @@ class Ladder:
                 earlier = moved.get(group, (0, 0, 0.0, False))
                 moved[group] = (earlier[0] + blocks, earlier[1] + nbytes, earlier[2] + seconds, False)
         for (i, h), (blocks, nbytes, seconds, hit) in moved.items():
-            record = EscalationRecord(plan.request_ids[i], layer, h, int(rung[i, h]), float(before[i, h]),
+            record = EscalationRecord(plan.client_ids[i], layer, h, int(rung[i, h]), float(before[i, h]),
                                       float(bound[i, h].amax()), float(plan.tolerance[i]), blocks, nbytes, seconds,
-                                      hit)
+                                      hit, plan.request_ids[i])
             cache.records.append(record)
-            cache.stats[record.request_id].add_record(record)
+            cache.stats[record.engine_id].add_record(record)
 
     def _correct_values(self, layer, result, terms, i, h, values, tol, state) -> bool:
         """Rung 1 in place: the weights p^ do not change when values become exact, so
@@ -177,6 +178,9 @@ class Ladder:
         out, bound, limit, rung = state
         seqs = sorted({i for i, _ in groups})
         index = [plan.quant_seqs[i] for i in seqs]
+        self.cache.verify(layer, [plan.request_ids[i] for i in seqs],
+                          [batch.block_ids[s][:int(plan.view.num_full[i])] for i, s in zip(seqs, index)],
+                          [plan.client_ids[i] for i in seqs])
         start = time.perf_counter()
         exact = self.cache.exact_decode(layer, q[seqs], batch.block_tables[index], batch.context_lens[index], scale)
         seconds = (time.perf_counter() - start) / len(groups)

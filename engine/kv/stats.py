@@ -23,7 +23,7 @@ def ratio_bins(ratios: torch.Tensor) -> torch.Tensor:
 class EscalationRecord:
     """One KV group of one sequence that left rung 0 at one layer and step (DESIGN.md section 4)."""
 
-    request_id: str
+    request_id: str  # the caller's id
     layer: int
     kv_head: int
     rung: int
@@ -34,6 +34,7 @@ class EscalationRecord:
     bytes: int
     transfer_seconds: float
     prefetch_hit: bool = False
+    engine_id: str = ""  # the engine's (unique) id of the request
 
 
 @dataclass(slots=True)

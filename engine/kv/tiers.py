@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.batch import ForwardBatch
+from engine.faults import NO_FAULTS, FaultPlan, ShadowError
 from engine.kv.copy_engine import CopyEngine, Fetch
 from engine.kv.escalation import Ladder
 from engine.kv.quantizers import Quantizer, channel_error_ratio, error_norms, token_error_norms, token_norms
@@ -72,6 +73,7 @@ class StepPlan:
     quant_rows: torch.Tensor  # [Bd]
     view: DecodeView | None
     request_ids: list[str]  # [Bd]
+    client_ids: list[str]  # [Bd]
     modes: list[KVMode]  # [Bd]
     tolerance: torch.Tensor  # [Bd] float32
     certifying: torch.Tensor  # [Bd] bool: certified or audit (climbs the ladder)
@@ -144,7 +146,7 @@ class Scratch:
 class TieredKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, quantizer: Quantizer, max_seqs: int, scratch_blocks: int,
-                 prefetch: bool = True):
+                 prefetch: bool = True, faults: FaultPlan = NO_FAULTS):
         self.quantizer = quantizer
         self.block_size, self.kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
         self.num_blocks, self.dtype, self.device = num_blocks, dtype, device
@@ -165,6 +167,11 @@ class TieredKVCache:
         self.records: list[EscalationRecord] = []
         self.ladder = Ladder(self)
         self.copy = CopyEngine(device, prefetch)
+        self.faults = faults
+        # Checksums of the shadows of full blocks (bit patterns of K and V summed), set when a block fills and
+        # verified wherever exactness depends on the shadows: ladder fetches and exact recomputes.
+        self.checksums = [torch.zeros(num_blocks, dtype=torch.int64) for _ in range(num_layers)]
+        self._corrupted: set[str] = set()
 
     def _tier1(self, layer: int, max_seqs: int) -> QuantizedLayer:
         nb, h, bs, d = self.num_blocks, self.kv_heads, self.block_size, self.head_dim
@@ -235,11 +242,14 @@ class TieredKVCache:
 
     # ---- the KVCache seam ---------------------------------------------------------------------------------------
     def prepare(self, batch: ForwardBatch) -> None:
-        for rid, kv, blocks in zip(batch.request_ids, batch.kv, batch.block_ids):
+        for seq, (rid, kv, blocks, client) in enumerate(zip(batch.request_ids, batch.kv, batch.block_ids,
+                                                            batch.client_ids)):
             if rid not in self.slots:
                 self.slots[rid] = self._free_slots.pop()
             self.blocks[rid] = blocks
             self.register(rid, kv.mode, kv.tolerance)
+            if batch.starts[seq] >= self.block_size:
+                self._inject(client, blocks[0])
         batch.cache_meta = StepPlan(write=self._write_plan(batch), **self._decode_plan(batch))
 
     def forward(self, layer, q, k, v, batch, scale):
@@ -280,6 +290,33 @@ class TieredKVCache:
             stats.max_bound_over_tolerance = max(stats.max_bound_over_tolerance, max_ratio[i])
             stats.quantized_key_mass += tail_mass[i]
 
+    def verify(self, layer: int, request_ids: list[str], blocks: list[list[int]], client_ids: list[str]) -> None:
+        """Raises ShadowError for the requests whose shadows (of full blocks) are missing or fail their checksum."""
+        bad = [rid for rid, client in zip(request_ids, client_ids) if self.faults.targets("shadow.drop", client)]
+        for rid, full in zip(request_ids, blocks):
+            if full and rid not in bad:
+                index = torch.tensor(full)
+                found = _checksum(self.shadow_k[layer][index], self.shadow_v[layer][index])
+                if not torch.equal(found, self.checksums[layer][index]):
+                    bad.append(rid)
+        if bad:
+            raise ShadowError(bad, "tier-2 shadow missing or corrupt")
+
+    def _inject(self, client_id: str, first_block: int) -> None:
+        """Fault points acting on a request's first full block, once (tests only: FaultPlan)."""
+        if client_id in self._corrupted:
+            return
+        if self.faults.targets("shadow.corrupt", client_id):
+            for shadow in self.shadow_k:
+                shadow[first_block] += 1.0
+            self.faults.hit("shadow.corrupt")
+        elif self.faults.targets("kv.nonfinite", client_id):
+            self.layers[0].k_scale[first_block] = torch.inf
+            self.faults.hit("kv.nonfinite")
+        else:
+            return
+        self._corrupted.add(client_id)
+
     def exact_decode(self, layer, q, tables, lens, scale):
         """Dense decode attention from the shadows (what dense mode computes, bit for bit on the same device)."""
         keys, values = self.shadow_k[layer], self.shadow_v[layer]
@@ -318,6 +355,7 @@ class TieredKVCache:
     def _quantize(self, layer: int, blocks: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """keys, values [N, Hkv, bs, D] exact -> codes, metadata and measured error norms of `blocks`."""
         tier1, q = self.layers[layer], self.quantizer
+        self.checksums[layer][blocks.to(self.shadow_device)] = _checksum(keys, values).to(self.shadow_device)
         k_codes, v_codes = q.quantize_keys(keys), q.quantize_values(values)
         tier1.k_codes[blocks], tier1.k_scale[blocks], tier1.k_zero[blocks] = k_codes.codes, k_codes.scale, k_codes.zero
         tier1.v_codes[blocks], tier1.v_scale[blocks], tier1.v_zero[blocks] = v_codes.codes, v_codes.scale, v_codes.zero
@@ -394,7 +432,8 @@ class TieredKVCache:
             exact_rows=torch.tensor([batch.query_starts[s] for s in exact], dtype=torch.int64, device=device),
             exact_ids=[batch.request_ids[s] for s in exact if batch.kv[s].mode is KVMode.EXACT],
             quant_seqs=quant, quant_rows=torch.tensor(rows, dtype=torch.int64, device=device), view=None,
-            request_ids=[batch.request_ids[s] for s in quant], modes=[batch.kv[s].mode for s in quant],
+            request_ids=[batch.request_ids[s] for s in quant], client_ids=[batch.client_ids[s] for s in quant],
+            modes=[batch.kv[s].mode for s in quant],
             tolerance=torch.tensor([batch.kv[s].tolerance for s in quant], device=device),
             certifying=torch.tensor([batch.kv[s].mode in (KVMode.CERTIFIED, KVMode.AUDIT) for s in quant],
                                     dtype=torch.bool, device=device),
@@ -413,12 +452,20 @@ class TieredKVCache:
         return plan
 
     # ---- tier-2 fetches -----------------------------------------------------------------------------------------
-    def promote(self, layer: int, kind: str, blocks: list[int], head: int) -> Fetch | None:
-        """Copies exact blocks of one KV head from tier 2 into the scratch (through the copy engine)."""
+    def promote(self, layer: int, kind: str, blocks: list[int], head: int, request_id: str,
+                client_id: str) -> Fetch | None:
+        """Copies exact blocks of one KV head from tier 2 into the scratch (through the copy engine), checked."""
         if not blocks:
             return None
+        self.verify(layer, [request_id], [blocks], [client_id])
         shadow = self.shadow_k[layer] if kind == "k" else self.shadow_v[layer]
-        fetched = self.copy.fetch(layer, kind, shadow, blocks, head)
+        try:
+            if self.faults.active("copy.fail") is not None:
+                self.faults.hit("copy.fail")
+                raise RuntimeError("injected tier-2 copy failure")
+            fetched = self.copy.fetch(layer, kind, shadow, blocks, head)
+        except RuntimeError as exc:
+            raise ShadowError([request_id], f"tier-2 copy failed: {exc}") from exc
         index = torch.tensor(blocks, device=self.device)
         self.scratch[layer].put(kind, index, torch.full_like(index, head), fetched.data)
         return fetched
@@ -426,3 +473,14 @@ class TieredKVCache:
     def prefetch(self, layer: int, blocks: list[int], head: int) -> None:
         for kind, shadow in (("k", self.shadow_k[layer]), ("v", self.shadow_v[layer])):
             self.copy.prefetch(layer, kind, shadow, blocks, head)
+
+
+def _checksum(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Per block (first dim), the sum of the bit patterns of its keys and values: any layout of the same numbers gives
+    the same sum, so the write path (head-major) and the shadows (token-major) can be compared."""
+    bits = {4: torch.int32, 2: torch.int16}[keys.element_size()]
+
+    def total(x):
+        return x.contiguous().view(bits).to(torch.int64).flatten(1).sum(dim=1)
+
+    return total(keys) + total(values)

@@ -1,0 +1,88 @@
+"""Fault injection through the real server: lost or corrupt shadows and failed copies end only the affected request
+with DATA_LOSS (never wrong tokens), non-finite tier-1 metadata is caught by the monitors, an exception inside an
+engine step fails only that step's requests, and everything is released afterwards."""
+
+import asyncio
+
+import grpc
+import pytest
+
+from engine.faults import FaultPlan
+from server.pb.certkv.v1 import inference_pb2 as pb
+from tests.helpers import hf_greedy
+from tests.serving import channel_to, collect, greedy, running_server, wait_quiescent
+
+PROMPT = list(range(400, 440))  # 40 tokens: two full blocks before the first decode
+
+
+def request(rid: str, mode=pb.CERTIFIED, tolerance=0.0001, max_new=12) -> pb.GenerateRequest:
+    message = greedy(PROMPT, max_new)
+    message.request_id, message.kv.mode, message.kv.tolerance = rid, mode, tolerance  # tight: escalations read tier 2
+    return message
+
+
+async def outcome(stub, message) -> tuple[grpc.StatusCode, list[int]]:
+    try:
+        messages = await collect(stub, message)
+        return grpc.StatusCode.OK, [t for m in messages for t in m.token_ids]
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), []
+
+
+def serve(tiny_llama, points: dict, scratch: int = 4):
+    return running_server(tiny_llama, faults=FaultPlan(points, testing=True), kv_mode="certified", k_bits=4,
+                          v_bits=2, scratch_blocks=scratch)
+
+
+@pytest.mark.parametrize("point", ["shadow.corrupt", "shadow.drop"])
+async def test_lost_or_corrupt_shadows_end_only_that_request_with_data_loss(tiny_llama, point):
+    async with serve(tiny_llama, {point: {"request": "victim"}}) as server:
+        async with channel_to(server) as (stub, _):
+            results = await asyncio.gather(outcome(stub, request("victim")), outcome(stub, request("bystander")))
+            after = await outcome(stub, request("after"))
+        await wait_quiescent(server)
+        assert not any(server.engine.runner.cache.in_use().values())
+    assert results[0][0] == grpc.StatusCode.DATA_LOSS
+    assert results[1][0] == grpc.StatusCode.OK and after[0] == grpc.StatusCode.OK
+
+
+async def test_failed_copy_is_data_loss(tiny_llama):
+    async with serve(tiny_llama, {"copy.fail": {}}, scratch=64) as server:
+        async with channel_to(server) as (stub, _):
+            code, _ = await outcome(stub, request("copy", tolerance=0.05))  # promotions: tier-2 fetches
+            exact_code, tokens = await outcome(stub, request("exact", mode=pb.EXACT))
+        await wait_quiescent(server)
+    assert code == grpc.StatusCode.DATA_LOSS
+    assert exact_code == grpc.StatusCode.OK and tokens == hf_greedy(tiny_llama, PROMPT, 12)  # no fetch needed
+
+
+async def test_nonfinite_metadata_is_recomputed_exactly(tiny_llama):
+    async with serve(tiny_llama, {"kv.nonfinite": {"request": "nan"}}) as server:
+        async with channel_to(server) as (stub, _):
+            messages = await collect(stub, request("nan", mode=pb.AUDIT, tolerance=0.1))
+        await wait_quiescent(server)
+        assert server.engine.runner.faults.fired["kv.nonfinite"] == 1
+    cert = messages[-1].certificate  # an infinite scale makes the output non-finite: the monitor recomputes it
+    assert cert.rung3_exact_head + cert.rung4_exact_layer > 0
+    assert cert.audit_violations == 0 and cert.worst_actual_over_bound <= 1
+    assert len(messages) == 12 and all(m.token_ids[0] < 49152 for m in messages)
+
+
+async def test_exception_in_a_step_fails_that_step_only(tiny_llama):
+    async with serve(tiny_llama, {"step.raise": {"after": 3, "times": 1}}) as server:
+        async with channel_to(server) as (stub, _):
+            first = await outcome(stub, request("a", mode=pb.EXACT, max_new=20))
+            second = await outcome(stub, request("b", mode=pb.EXACT, max_new=20))
+        await wait_quiescent(server)
+        assert server.engine.runner.faults.fired["step.raise"] == 1
+    assert first[0] == grpc.StatusCode.INTERNAL
+    assert second == (grpc.StatusCode.OK, hf_greedy(tiny_llama, PROMPT, 20))
+
+
+def test_fault_plans_are_refused_outside_tests(monkeypatch):
+    monkeypatch.delenv("CERTKV_ENABLE_FAULTS", raising=False)
+    with pytest.raises(PermissionError):
+        FaultPlan({"copy.fail": {}})
+    with pytest.raises(ValueError):
+        FaultPlan({"no.such.point": {}}, testing=True)
+    assert FaultPlan().points == {}  # the empty plan is what production runs
