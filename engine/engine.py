@@ -186,6 +186,11 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def pause(self, request_id: str, paused: bool) -> None:
+        """Backpressure: a paused request keeps its KV blocks but is not scheduled until resumed."""
+        if request_id in self.scheduler.requests:
+            (self.scheduler.paused.add if paused else self.scheduler.paused.discard)(request_id)
+
     def _mark_scheduled(self, scheduled) -> None:
         now = time.monotonic()
         for item in scheduled:

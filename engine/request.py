@@ -203,6 +203,17 @@ class RequestOutput:
         return self.finish_reason is not None
 
 
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """Consecutive outputs of one request as one (a client that reads slower than the engine generates)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    last = outputs[-1]
+    return RequestOutput(
+        last.request_id, tuple(t for out in outputs for t in out.token_ids), "".join(out.text for out in outputs),
+        tuple(lp for out in outputs for lp in out.logprobs), last.finish_reason, last.usage, last.seed,
+        last.certificate, tuple(e for out in outputs for e in out.escalations))
+
+
 def _finite(value: float) -> bool:
     return math.isfinite(value)
 

@@ -54,6 +54,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.paused: set[str] = set()  # running requests whose client is behind: kept, not scheduled
         self._arrival: dict[str, int] = {}
         self._counter = itertools.count()
 
@@ -67,12 +68,17 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def has_runnable(self) -> bool:
+        """Something to schedule: a waiting request, or a running one that is not paused."""
+        return bool(self.waiting) or any(r.request_id not in self.paused for r in self.running)
+
     def finish(self, request_id: str, reason: FinishReason) -> Request | None:
         """Ends a request (stop condition, abort); frees its blocks. None when it is not in the scheduler."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
         del self._arrival[request_id]
+        self.paused.discard(request_id)
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         else:
@@ -88,7 +94,7 @@ class Scheduler:
         preempted: list[str] = []
         for request in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if request.status is not RequestStatus.RUNNING or num_new <= 0:
+            if request.status is not RequestStatus.RUNNING or num_new <= 0 or request.request_id in self.paused:
                 continue
             while not self.blocks.can_allocate(request.request_id, request.num_computed_tokens + num_new):
                 victim = max(self.running, key=lambda r: self._arrival[r.request_id])

@@ -90,7 +90,8 @@ class CertkvServer:
             self.engine = await asyncio.to_thread(LLMEngine, self.engine_config)
         tokenizer = await asyncio.to_thread(load_tokenizer, self.engine.spec.model_id)
         self.async_engine = AsyncEngine(self.engine, self.config.max_pending_requests, on_fatal=self._on_fatal,
-                                        step_span=self.telemetry.step_span)
+                                        step_span=self.telemetry.step_span,
+                                        max_tokens_in_flight=self.config.max_tokens_in_flight)
         self.telemetry.watch(self.engine.live_stats)
         self.telemetry.start_http()
         self.async_engine.start()

@@ -1,8 +1,10 @@
 """The engine thread and its asyncio bridge.
 
-One thread owns the LLMEngine: it takes commands (add, abort) from a queue, runs step() while anything is
-unfinished, and hands each step's outputs to the event loop in one call_soon_threadsafe. Each RPC reads its
-request's outputs from its own asyncio.Queue. Leaving the `generate` iterator for any reason other than the final
+One thread owns the LLMEngine: it takes commands (add, abort, pause, resume) from a queue, runs step() while
+anything is runnable, and hands each step's outputs to the event loop in one call_soon_threadsafe. Each RPC reads
+its request's outputs from its own asyncio.Queue; outputs that piled up are sent as one message. Backpressure: when a
+client falls HIGH_WATER outputs behind, its request is paused in the engine (it keeps its KV blocks, others run)
+and resumed once the client is within LOW_WATER. Leaving the `generate` iterator for any reason other than the final
 output (client cancel, deadline, server stop) sends an abort, which the engine applies before its next step.
 """
 
@@ -17,21 +19,28 @@ from contextlib import AbstractContextManager, nullcontext
 
 from engine.engine import LLMEngine, StepFailed
 from engine.errors import CapacityExceeded, EngineUnavailable
-from engine.request import Request, RequestOutput
+from engine.request import Request, RequestOutput, merge_outputs
 
 log = logging.getLogger(__name__)
 
 
+HIGH_WATER, LOW_WATER = 32, 4  # outputs queued for one RPC: pause the request / resume it
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_pending: int, on_fatal: Callable[[], None] = lambda: None,
-                 step_span: Callable[[], AbstractContextManager] = nullcontext):
+                 step_span: Callable[[], AbstractContextManager] = nullcontext, max_tokens_in_flight: int = 0):
         """`on_fatal` runs on the event loop if the engine thread dies; `step_span()` wraps each engine step."""
         self.engine = engine
         self.max_pending = max_pending
         self.on_fatal = on_fatal
         self.step_span = step_span
+        self.max_tokens_in_flight = max_tokens_in_flight  # 0 = no limit
         self.accepting = False
         self.dead = False
+        self.pauses = 0
+        self._paused: set[str] = set()
+        self._tokens: dict[str, int] = {}  # prompt + max_new_tokens of each pending request
         self._queues: dict[str, asyncio.Queue] = {}
         self._commands: deque[tuple[str, object]] = deque()
         self._wake = threading.Condition()
@@ -54,8 +63,17 @@ class AsyncEngine:
             raise EngineUnavailable("the engine is not serving (starting, draining or stopped)")
         if len(self._queues) >= self.max_pending:
             raise CapacityExceeded(f"{len(self._queues)} requests pending (limit {self.max_pending})")
-        async for output in self.run(request):
-            yield output
+        tokens = request.num_prompt_tokens + request.stopping.max_new_tokens
+        in_flight = sum(self._tokens.values())
+        if self.max_tokens_in_flight and in_flight + tokens > self.max_tokens_in_flight:
+            raise CapacityExceeded(f"{in_flight} tokens in flight; this request needs {tokens} "
+                                   f"(limit {self.max_tokens_in_flight})")
+        self._tokens[request.request_id] = tokens
+        try:
+            async for output in self.run(request):
+                yield output
+        finally:
+            del self._tokens[request.request_id]
 
     async def run(self, request: Request) -> AsyncIterator[RequestOutput]:
         """generate() without the admission checks (warm-up)."""
@@ -64,19 +82,27 @@ class AsyncEngine:
         self._submit("add", request)
         ended = False
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
+            while not ended:
+                items = [await queue.get()]
+                while not queue.empty() and not isinstance(items[-1], BaseException):
+                    items.append(queue.get_nowait())
+                self._maybe_resume(request.request_id, queue)
+                if isinstance(items[-1], BaseException):
                     ended = True
-                    raise item
-                ended = item.finished
-                yield item
-                if ended:
-                    return
+                    raise items[-1]
+                output = merge_outputs(items)
+                ended = output.finished
+                yield output
         finally:
             del self._queues[request.request_id]
+            self._paused.discard(request.request_id)
             if not ended:
                 self._submit("abort", request.request_id)
+
+    def _maybe_resume(self, request_id: str, queue: asyncio.Queue) -> None:
+        if request_id in self._paused and queue.qsize() <= LOW_WATER:
+            self._paused.discard(request_id)
+            self._submit("resume", request_id)
 
     async def shutdown(self) -> None:
         """Stops admitting, aborts whatever is left in the engine, joins the thread and fails open streams."""
@@ -107,20 +133,22 @@ class AsyncEngine:
 
     def _iterate(self) -> bool:
         with self._wake:
-            while not self._commands and not self._stop and not self.engine.has_unfinished():
+            while not self._commands and not self._stop and not self.engine.scheduler.has_runnable():
                 self._wake.wait()
             commands, stop = list(self._commands), self._stop
             self._commands.clear()
         for kind, payload in commands:
             if kind == "add":
                 self.engine.add_request(payload)
-            else:
+            elif kind == "abort":
                 self.engine.abort(payload)
+            else:
+                self.engine.pause(payload, kind == "pause")
         if stop:
             for request_id in list(self.engine.scheduler.requests):
                 self.engine.abort(request_id)
             return False
-        if self.engine.has_unfinished():
+        if self.engine.scheduler.has_runnable():
             self._step()
         return True
 
@@ -145,5 +173,10 @@ class AsyncEngine:
     def _deliver(self, items: list[tuple[str, object]]) -> None:
         for request_id, item in items:
             queue = self._queues.get(request_id)
-            if queue is not None:  # the RPC may have ended; its abort is on the way
-                queue.put_nowait(item)
+            if queue is None:  # the RPC ended; its abort is on the way
+                continue
+            queue.put_nowait(item)
+            if queue.qsize() >= HIGH_WATER and request_id not in self._paused:
+                self._paused.add(request_id)
+                self.pauses += 1
+                self._submit("pause", request_id)

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also serve grpc.health.v1 in plaintext on this port (Kubernetes probes when TLS is on)")
     limits = p.add_argument_group("admission and lifecycle")
     limits.add_argument("--max-pending-requests", type=int, default=256, help="beyond: RESOURCE_EXHAUSTED")
+    limits.add_argument("--max-tokens-in-flight", type=int, default=0,
+                        help="prompt + max_new_tokens summed over pending requests; beyond: RESOURCE_EXHAUSTED (0: off)")
     limits.add_argument("--max-prompt-chars", type=int, default=1 << 20)
     limits.add_argument("--drain-delay", type=float, default=1.0, help="seconds NOT_SERVING before stopping")
     limits.add_argument("--drain-grace", type=float, default=30.0, help="seconds in-flight streams may finish")
@@ -92,7 +94,7 @@ def configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig, Telem
         tls_client_ca=read(args.tls_client_ca))
     server = ServerConfig(
         host=args.host, port=args.port, max_pending_requests=args.max_pending_requests,
-        max_prompt_chars=args.max_prompt_chars, max_message_bytes=args.max_message_bytes,
+        max_tokens_in_flight=args.max_tokens_in_flight, max_prompt_chars=args.max_prompt_chars, max_message_bytes=args.max_message_bytes,
         drain_delay_s=args.drain_delay, drain_grace_s=args.drain_grace, warmup=not args.no_warmup,
         security=security, health_port=args.health_port)
     engine = EngineConfig(

@@ -12,6 +12,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = any free port (tests)
     max_pending_requests: int = 256  # admitted and not yet finished (queued + running); beyond: RESOURCE_EXHAUSTED
+    max_tokens_in_flight: int = 0  # sum of prompt + max_new_tokens over pending requests; 0 = no limit
     max_prompt_chars: int = 1 << 20  # raw text or chat content, checked before tokenization
     max_message_bytes: int = 4 << 20  # gRPC receive limit
     drain_delay_s: float = 1.0  # NOT_SERVING is visible this long before the server stops accepting

@@ -65,7 +65,8 @@ async def test_nonfinite_metadata_is_recomputed_exactly(tiny_llama):
     cert = messages[-1].certificate  # an infinite scale makes the output non-finite: the monitor recomputes it
     assert cert.rung3_exact_head + cert.rung4_exact_layer > 0
     assert cert.audit_violations == 0 and cert.worst_actual_over_bound <= 1
-    assert len(messages) == 12 and all(m.token_ids[0] < 49152 for m in messages)
+    tokens = [t for m in messages for t in m.token_ids]
+    assert len(tokens) == 12 and max(tokens) < 49152
 
 
 async def test_exception_in_a_step_fails_that_step_only(tiny_llama):

@@ -28,7 +28,7 @@ async def test_stream_matches_hf_and_ends_with_the_outcome(server, tiny_llama):
         messages = await collect(stub, greedy(PROMPT, 12))
     tokens = [t for m in messages for t in m.token_ids]
     assert tokens == hf_greedy(tiny_llama, PROMPT, 12)
-    assert len(messages) == 12 and all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in messages[:-1])
+    assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in messages[:-1])  # outputs may coalesce
     last = messages[-1]
     assert last.finish_reason == pb.LENGTH and last.HasField("seed")
     assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (5, 12)
@@ -154,7 +154,7 @@ async def test_cli_client_streams_text(server, capsys):
     code = await asyncio.to_thread(cli.main, ["--target", f"127.0.0.1:{server.port}", "Hello", "--max-new-tokens", "3",
                                               "--json"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert code == 0 and len(lines) == 3 and '"finishReason": "LENGTH"' in lines[-1]
+    assert code == 0 and 1 <= len(lines) <= 3 and '"finishReason": "LENGTH"' in lines[-1]
     code = await asyncio.to_thread(cli.main, ["--target", f"127.0.0.1:{server.port}", "x", "--top-p", "2"])
     assert code == 1 and "INVALID_ARGUMENT" in capsys.readouterr().err
 
@@ -192,7 +192,7 @@ async def test_health_and_drain(tiny_llama):
                 await collect(stub, greedy(PROMPT, 2))
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             messages = await in_flight  # finishes within the grace period
-            assert messages[-1].finish_reason == pb.LENGTH and len(messages) == 40
+            assert messages[-1].finish_reason == pb.LENGTH and sum(len(m.token_ids) for m in messages) == 40
             await draining
         assert not server.engine.has_unfinished()
         assert server.engine.scheduler.blocks.num_free == server.engine.spec.num_kv_blocks
