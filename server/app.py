@@ -25,7 +25,7 @@ from server.async_engine import AsyncEngine
 from server.config import ServerConfig
 from server.pb.certkv.v1 import inference_pb2 as pb
 from server.pb.certkv.v1 import inference_pb2_grpc as pb_grpc
-from server.security import GuardInterceptor, server_credentials
+from server.security import GuardInterceptor, LenientParsing, server_credentials
 from server.service import InferenceService
 from server.telemetry import Telemetry, TelemetryConfig
 
@@ -59,7 +59,8 @@ class CertkvServer:
         self.service = InferenceService(config, self.telemetry)
         security = config.security
         guards = [GuardInterceptor(security, self._rejected)] if security.auth or security.rate_limit else []
-        self.grpc = grpc.aio.server(options=grpc_options(config), interceptors=guards)
+        self.grpc = grpc.aio.server(options=grpc_options(config),
+                                    interceptors=[*guards, LenientParsing(SERVICE_NAME)])
         pb_grpc.add_InferenceServicer_to_server(self.service, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(

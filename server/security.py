@@ -129,6 +129,32 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         return found
 
 
+MALFORMED = object()  # what a lenient parser returns for bytes that are not a valid message
+
+
+class LenientParsing(grpc.aio.ServerInterceptor):
+    """Parses requests of the given service without raising: undecodable bytes (bad wire format, invalid UTF-8 in a
+    string field) reach the handler as MALFORMED, which answers INVALID_ARGUMENT, instead of grpcio's INTERNAL
+    "Exception deserializing request!"."""
+
+    def __init__(self, service: str):
+        self.prefix = f"/{service}/"
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(self.prefix) or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def lenient(data: bytes):
+            try:
+                return parse(data)
+            except Exception:  # protobuf's DecodeError and anything the parser raises on hostile bytes
+                return MALFORMED
+
+        return handler._replace(request_deserializer=lenient)
+
+
 def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str, trailing):
     """A handler of the same streaming shape as `handler` that only aborts."""
 

@@ -23,6 +23,7 @@ from server.async_engine import AsyncEngine
 from server.config import ServerConfig
 from server.pb.certkv.v1 import inference_pb2 as pb
 from server.pb.certkv.v1 import inference_pb2_grpc as pb_grpc
+from server.security import MALFORMED
 from server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         admitted = finished = False
         metrics, last = self.telemetry.metrics, None
         try:
+            _parsed(request)
             engine = self._ready()
             client_id = convert.request_id(request) or uuid.uuid4().hex
             prepared = await self._prepare(request, engine, client_id)
@@ -78,6 +80,7 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         try:
+            _parsed(request)
             self._ready()
             which = request.WhichOneof("input")
             if which == "messages":
@@ -92,6 +95,7 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
+            _parsed(request)
             engine = self._ready().engine
             return convert.model_info(engine.spec, engine.config)
         except EngineError as exc:
@@ -154,3 +158,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             raise InvalidRequest("input.messages", f"the chat template rejected the messages: {exc}") from exc
         return await self._encode(text, "input.messages", add_special_tokens=False)
 
+
+
+def _parsed(request) -> None:
+    if request is MALFORMED:
+        raise InvalidRequest("request", "not a valid message of this method's request type (wire format or UTF-8)")
