@@ -41,12 +41,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--text", type=Path, default=ROOT / ".data" / "kjv.txt")
     parser.add_argument("--model", default="default")
-    parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--max-tokens", type=int, default=2048)
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=1024)
     parser.add_argument("--bits", nargs="+", default=["8/4", "4/4", "4/2"])
-    parser.add_argument("--tolerances", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2])
+    parser.add_argument("--tolerances", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--scratch-blocks", type=int, default=32,
+    parser.add_argument("--scratch-blocks", type=int, default=16,
                         help="exact pieces per layer: a small fraction of the windows' blocks, as with long contexts")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()

@@ -94,7 +94,8 @@ def main() -> None:
     parser.add_argument("--max-new", type=int, default=32)
     parser.add_argument("--mix", default="mixed", choices=["short", "long", "mixed"])
     parser.add_argument("--out", type=Path, default=ROOT / "loadtest" / "results")
-    parser.add_argument("--server-args", default="--max-pending-requests 24", help="extra flags for the server")
+    parser.add_argument("--server-args", default="--max-pending-requests 24 --max-num-batched-tokens 128",
+                        help="extra flags for the server")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     port = _free_port()

@@ -44,6 +44,9 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        *((("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+           ("grpc.max_connection_age_grace_ms", int(config.drain_grace_s * 1000)))
+          if config.max_connection_age_s else ()),
     ]
 
 

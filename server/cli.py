@@ -26,15 +26,30 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m server", description="certkv gRPC inference server", fromfile_prefix_chars="@",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for add in (_network, _model, _engine, _kv, _security, _admission, _telemetry):
+        add(p)
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def _network(p: argparse.ArgumentParser) -> None:
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in containers)")
     net.add_argument("--port", type=int, default=50051)
     net.add_argument("--max-message-bytes", type=parse_bytes, default="4MiB", help="gRPC receive limit")
+    net.add_argument("--max-connection-age", type=float, default=None,
+                     help="seconds before clients are asked to reconnect (rebalancing behind L4 load balancers)")
+
+
+def _model(p: argparse.ArgumentParser) -> None:
     model = p.add_argument_group("model")
     model.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), an HF directory or a .gguf")
     model.add_argument("--device", choices=DEVICES, default="auto")
     model.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
     model.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _engine(p: argparse.ArgumentParser) -> None:
     engine = p.add_argument_group("engine")
     engine.add_argument("--kv-cache-memory", type=parse_bytes, default="1GiB",
                         help="device bytes of KV blocks (tier 1 with the tiered cache)")
@@ -44,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per forward pass")
     engine.add_argument("--max-model-len", type=int, default=None, help="context cap (default: the model's)")
     engine.add_argument("--max-new-tokens-default", type=int, default=256)
+
+
+def _kv(p: argparse.ArgumentParser) -> None:
     kv = p.add_argument_group("certified KV cache")
     kv.add_argument("--kv-mode", choices=KV_MODES, default="certified",
                     help="dense: plain paged cache; others: the tiered cache, and the mode of requests that set none")
@@ -57,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--shadow-memory", type=parse_bytes, default="2GiB",
                     help="host bytes for tier-2 shadows; with --kv-cache-memory it caps the number of blocks")
     kv.add_argument("--no-prefetch", action="store_true", help="fetch tier-2 blocks only when an escalation needs them")
+
+
+def _security(p: argparse.ArgumentParser) -> None:
     sec = p.add_argument_group("security")
     sec.add_argument("--api-key-file", type=Path, help="bearer tokens, one per line as name:token (health exempt)")
     sec.add_argument("--rate-limit", type=float, default=0.0, help="requests per second per client (0: off)")
@@ -66,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--tls-client-ca", type=Path, help="CA of accepted client certificates: mutual TLS")
     sec.add_argument("--health-port", type=int, default=None,
                      help="also serve grpc.health.v1 in plaintext on this port (Kubernetes probes when TLS is on)")
+
+
+def _admission(p: argparse.ArgumentParser) -> None:
     limits = p.add_argument_group("admission and lifecycle")
     limits.add_argument("--max-pending-requests", type=int, default=256, help="beyond: RESOURCE_EXHAUSTED")
     limits.add_argument("--max-tokens-in-flight", type=int, default=0,
@@ -74,14 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--drain-delay", type=float, default=1.0, help="seconds NOT_SERVING before stopping")
     limits.add_argument("--drain-grace", type=float, default=30.0, help="seconds in-flight streams may finish")
     limits.add_argument("--no-warmup", action="store_true", help="report SERVING without a warm-up generation")
+
+
+def _telemetry(p: argparse.ArgumentParser) -> None:
     obs = p.add_argument_group("telemetry")
     obs.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics port; -1 disables it")
     obs.add_argument("--trace-exporter", choices=EXPORTERS, default=os.environ.get("OTEL_TRACES_EXPORTER", "none"),
                      help="OpenTelemetry span exporter (OTEL_* variables configure the SDK)")
     obs.add_argument("--otlp-endpoint", default=None, help="OTLP gRPC endpoint (default: OTEL_EXPORTER_OTLP_ENDPOINT)")
     obs.add_argument("--trace-step-ratio", type=float, default=0.0, help="fraction of engine steps traced")
-    p.add_argument("--log-level", default="INFO")
-    return p
 
 
 def configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig, TelemetryConfig]:
@@ -96,6 +121,7 @@ def configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig, Telem
         host=args.host, port=args.port, max_pending_requests=args.max_pending_requests,
         max_tokens_in_flight=args.max_tokens_in_flight, max_prompt_chars=args.max_prompt_chars, max_message_bytes=args.max_message_bytes,
         drain_delay_s=args.drain_delay, drain_grace_s=args.drain_grace, warmup=not args.no_warmup,
+        max_connection_age_s=args.max_connection_age,
         security=security, health_port=args.health_port)
     engine = EngineConfig(
         model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,

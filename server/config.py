@@ -17,6 +17,7 @@ class ServerConfig:
     max_message_bytes: int = 4 << 20  # gRPC receive limit
     drain_delay_s: float = 1.0  # NOT_SERVING is visible this long before the server stops accepting
     drain_grace_s: float = 30.0  # in-flight streams may finish within this; then they are cancelled
+    max_connection_age_s: float | None = None  # clients reconnect (and rebalance) after this; streams get drain_grace_s
     warmup: bool = True  # one-token generation before SERVING
     security: SecurityConfig = field(default_factory=SecurityConfig)
     health_port: int | None = None  # a plaintext port serving only grpc.health.v1 (probes when TLS is on)

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from engine.batch import build_forward_batch
 from engine.kv.escalation import check
 from engine.kv.quantizers import MinMaxQuantizer, error_norms
-from engine.kv.tiers import Scratch, TieredKVCache
+from engine.kv.scratch import Scratch
+from engine.kv.tiers import TieredKVCache
 from engine.request import KVMode, KVPolicy, Request, SamplingParams, StoppingParams
 from engine.scheduler import ScheduledRequest, SchedulerOutput
 from kernels import certified_decode
