@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kv.certificate import block_deltas, gamma, spread_around_output
-from engine.kv.quantizers import Codes
+from engine.kv.quantizers import Codes, channel_error_ratio, error_norms, token_error_norms, token_norms
 
 
 def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, length: int | None = None) -> torch.Tensor:
@@ -102,6 +102,33 @@ class QuantizedLayer:
 
 
 @dataclass(frozen=True, slots=True)
+class QuantizedBlocks:
+    """Tier-1 contents of N whole blocks (engine.kv.quantizers' layout) with their write-time annotations."""
+
+    keys: Codes  # codes [N, Hkv, bs, D * k_bits / 8] uint8, scale and zero [N, Hkv, D] float16
+    values: Codes  # codes [N, Hkv, bs, D * v_bits / 8] uint8, scale and zero [N, Hkv, bs, D / 16] float16
+    block_notes: torch.Tensor  # [N, Hkv, 2] float32: eps_b, kappa_b (QuantizedLayer.block_notes)
+    token_notes: torch.Tensor  # [N, Hkv, bs, 2] float16: eta_j, ||v^_j|| (QuantizedLayer.token_notes)
+
+
+def quantize_blocks(keys: torch.Tensor, values: torch.Tensor, quantizer) -> QuantizedBlocks:
+    """Quantize-on-write: keys, values [N, Hkv, bs, D] exact -> codes, metadata and the error norms measured against
+    the dequantization attention uses, rounded metadata included (rounded up: they stay upper bounds)."""
+    k_codes, v_codes = quantizer.quantize_keys(keys), quantizer.quantize_values(values)
+    k_hat, v_hat = quantizer.dequantize_keys(k_codes), quantizer.dequantize_values(v_codes)
+    step = quantizer.key_grid(k_codes.scale, k_codes.zero)[0]
+    block_notes = torch.stack([error_norms(keys, k_hat), channel_error_ratio(keys, k_hat, step)], dim=-1)
+    token_notes = torch.stack([token_error_norms(values, v_hat), token_norms(v_hat)], dim=-1)
+    return QuantizedBlocks(k_codes, v_codes, block_notes, token_notes)
+
+
+def scatter_blocks(dst: torch.Tensor, slots: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[slots[i]] = src[i] in dst's dtype: promoted exact blocks into the scratch. dst [C, bs, D], slots [n] int64
+    (distinct), src [n, bs, D]."""
+    dst[slots] = src.to(dst.dtype)
+
+
+@dataclass(frozen=True, slots=True)
 class DecodeView:
     """The decoding sequences of one step, shared by all layers (make_view builds it)."""
 
@@ -126,12 +153,25 @@ def make_view(block_tables, num_full, tail_lens, slots, block_size: int, use_scr
 
 
 @dataclass(frozen=True, slots=True)
+class DecodeAccumulators:
+    """What one pass over the cache reads off it (decode_accumulators below, or the Triton kernel). Blocks b are the nb
+    full blocks, then the partial one (index nb). Each block keeps its own reference m_b = its largest score, and the
+    sums over its tokens of e_j, e_j eta_j, e_j n_j and e_j n_j^2 with e_j = exp(s_j - m_b): a split of the sequence
+    writes its blocks without knowing the others, and finish_decode normalises once."""
+
+    out: torch.Tensor  # [Bd, Hkv, G, D] float32: O = sum_j p^_j v^_j
+    block_max: torch.Tensor  # [Bd, Hkv, G, nb + 1]: m_b (-inf for a block with no token)
+    block_sums: torch.Tensor  # [Bd, Hkv, G, nb + 1, 4]: sum e, sum e eta, sum e n, sum e n^2
+    key_dots: torch.Tensor  # [Bd, Hkv, G, nb, 2]: sum_c |q_c| scale_bc, sum_c |q_c| |zero_bc|
+    value_max: torch.Tensor  # [Bd, Hkv, nb + 1]: max_j n_j over the block's attended tokens
+
+
+@dataclass(frozen=True, slots=True)
 class DecodeResult:
     """Output and the certificate's accumulators (engine.kv.certificate). Per-block tensors list the nb full blocks
     and then the partial one (index nb); per-head tensors are [Bd, Hkv, G]."""
 
     out: torch.Tensor  # [Bd, Hkv, G, D] float32: O = sum_j p^_j v^_j
-    probs: torch.Tensor  # [Bd, Hkv, G, nb + 1, bs] float32: p^ (0 on padding)
     rho: torch.Tensor  # [Bd, Hkv, G, nb + 1]: block masses
     val_contrib: torch.Tensor  # [Bd, Hkv, G, nb + 1]: sum_(j in b) p^_j eta_j
     dev_contrib: torch.Tensor  # [Bd, Hkv, G, nb + 1]: sum_(j in b) p^_j (n_j + ||O|| + eta_j) (W_T' per block)
@@ -142,19 +182,28 @@ class DecodeResult:
     w_all: torch.Tensor  # W' (certificate.spread_around_output)
     w_tail: torch.Tensor  # W_T'
     rms: torch.Tensor  # sqrt(sum_j p^_j n_j^2): the RMS norm of the attended values (n_j >= ||v^_j||)
-    score_error: torch.Tensor  # gamma_D tau max_j sum_c |q_c| |k^_jc|: the float32 score error bound
+    score_error: torch.Tensor  # gamma_(D+2) tau max_j sum_c |q_c| |k^_jc|: the float32 score error bound
     value_scale: torch.Tensor  # [Bd, Hkv, 1]: max_j n_j
     broken: torch.Tensor  # [Bd, Hkv] bool: some annotation of a quantized block is not finite (rung 4)
     length: int  # tokens attended per row, padding included (for gamma_L)
 
 
 def certified_decode(q, layer: QuantizedLayer, view: DecodeView, scale: float, quantizer) -> DecodeResult:
-    """Certified paged decode attention: dequantized keys/values per block, exact partial and promoted blocks,
-    softmax in float32, and the accumulators of DESIGN.md section 3. q [Bd, H, D] -> DecodeResult."""
+    """Certified paged decode attention (the twin end to end): q [Bd, H, D] -> DecodeResult."""
+    return finish_decode(decode_accumulators(q, layer, view, scale, quantizer), q, layer, view, scale, quantizer)
+
+
+def used_slots(layer: QuantizedLayer, view: DecodeView) -> torch.Tensor:
+    """[Bd, nb, Hkv, 2]: the scratch slots attention reads for keys and values of each block, -1: tier-1 codes."""
+    return torch.where(view.use_scratch[:, None, None, None], layer.slots[view.block_tables], -1)
+
+
+def decode_accumulators(q, layer: QuantizedLayer, view: DecodeView, scale: float, quantizer) -> DecodeAccumulators:
+    """Dequantized keys/values per block, exact partial and promoted blocks, softmax in float32."""
     batch, heads, dim = q.shape
     kv_heads, bs = layer.tail_k.shape[2], layer.tail_k.shape[1]
     groups, tables, nb = heads // kv_heads, view.block_tables, view.block_tables.shape[1]
-    slots = torch.where(view.use_scratch[:, None, None, None], layer.slots[tables], -1)  # [Bd, nb, Hkv, 2]
+    slots = used_slots(layer, view)
     k_scale, k_zero = layer.k_scale[tables], layer.k_zero[tables]
     tail_k, tail_v = layer.tail_k[view.slots], layer.tail_v[view.slots]  # [Bd, bs, Hkv, D]
     keys = _blocks(quantizer.dequantize_keys(Codes(layer.k_codes[tables], k_scale, k_zero)), layer.scratch_k,
@@ -162,62 +211,80 @@ def certified_decode(q, layer: QuantizedLayer, view: DecodeView, scale: float, q
     values = _blocks(quantizer.dequantize_values(Codes(layer.v_codes[tables], layer.v_scale[tables],
                                                        layer.v_zero[tables])), layer.scratch_v, slots[..., 1], tail_v)
     grouped = q.float().view(batch, kv_heads, groups, dim)
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(scale).masked_fill_(~view.valid[:, None, None], -torch.inf)
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, values)
-    out_norm = out.norm(dim=-1)
-    quantized = (view.full[:, :, None, None] & (slots < 0)).transpose(1, 2)  # [Bd, Hkv, nb, 2]: keys, values
-    in_tail = quantized[..., 0]
-    notes = _token_notes(layer.token_notes[tables], quantized[..., 1], tail_v, view)  # [Bd, Hkv, nb + 1, bs, 3]
+    valid = view.valid[:, None, None]
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(scale).masked_fill_(~valid, -torch.inf)
+    out = torch.matmul(torch.softmax(scores, dim=-1), values)
     blocks_of = (batch, kv_heads, groups, nb + 1, bs)
-    sums = torch.einsum("bhgkt,bhktc->bhgkc", probs.view(blocks_of), notes)  # per block: p eta, p n, p n^2
-    rho = probs.view(blocks_of).sum(dim=-1)
-    val_contrib, e_val = sums[..., 0], sums[..., 0].sum(dim=-1)
-    square_sum = sums[..., 2].sum(dim=-1)
-    dev_contrib = sums[..., 1] + rho * out_norm[..., None] + val_contrib
+    scores = scores.view(blocks_of)
+    block_max = scores.amax(dim=-1)
+    e = torch.where(valid.view(batch, 1, 1, nb + 1, bs), torch.exp(scores - block_max[..., None]), 0.0)
+    eta, norm = _token_notes(layer.token_notes[tables], (view.full[:, :, None] & (slots[..., 1] < 0)).transpose(1, 2),
+                             tail_v, view).unbind(-1)  # [Bd, Hkv, nb + 1, bs]
+    terms = torch.stack([torch.ones_like(eta), eta, norm, norm * norm], dim=-1)
+    dots = torch.einsum("bhgd,bnhcd->bhgnc", grouped.abs(), torch.stack([k_scale, k_zero.abs()], dim=3).float())
+    dots = torch.where(view.full[:, None, None, :, None], dots, 0.0)  # padding entries of the tables: nothing
+    return DecodeAccumulators(out=out, block_max=block_max, block_sums=torch.einsum("bhgkt,bhktc->bhgkc", e, terms),
+                              key_dots=dots, value_max=norm.amax(dim=-1))
+
+
+def finish_decode(acc: DecodeAccumulators, q, layer: QuantizedLayer, view: DecodeView, scale: float,
+                  quantizer) -> DecodeResult:
+    """The certificate's per-head terms (DESIGN.md section 3) from one pass's accumulators: normalises the blocks'
+    sums by the softmax denominator, then adds what the metadata alone gives (Delta_b, the score error bound)."""
+    batch, kv_heads, groups, nb = acc.key_dots.shape[:4]
+    bs, dim = layer.tail_k.shape[1], q.shape[-1]
+    present = acc.block_sums[..., 0] > 0
+    weight = torch.where(present, torch.exp(acc.block_max - acc.block_max.amax(dim=-1, keepdim=True)), 0.0)
+    weight = weight / (weight * acc.block_sums[..., 0]).sum(dim=-1, keepdim=True)
+    rho, val_contrib, norm_sum, square_sum = (acc.block_sums * weight[..., None]).unbind(-1)
+    out_norm = acc.out.norm(dim=-1)
+    e_val, square_sum = val_contrib.sum(dim=-1), square_sum.sum(dim=-1)
+    dev_contrib = norm_sum + rho * out_norm[..., None] + val_contrib
+    slots = used_slots(layer, view)
+    in_tail = (view.full[:, :, None] & (slots[..., 0] < 0)).transpose(1, 2)  # [Bd, Hkv, nb]: keys read quantized
+    value_scale = acc.value_max.amax(dim=-1, keepdim=True)  # [Bd, Hkv, 1]
+    block_notes = layer.block_notes[view.block_tables].transpose(1, 2)  # [Bd, Hkv, nb, 2]
+    block_delta, score_error = _key_terms(quantizer, q.float().view(batch, kv_heads, groups, dim), acc.key_dots,
+                                          block_notes, in_tail, slots[..., 0] >= 0, layer.tail_k[view.slots], view,
+                                          scale)
     mask = in_tail[:, :, None].float()
-    value_scale = notes[..., 1].amax(dim=(2, 3))[..., None]  # [Bd, Hkv, 1]
-    block_notes = layer.block_notes[tables].transpose(1, 2)  # [Bd, Hkv, nb, 2]
-    block_delta, score_error = _key_terms(quantizer, grouped, k_scale, k_zero, block_notes, in_tail,
-                                          slots[..., 0] >= 0, tail_k, view, scale)
     return DecodeResult(
-        out=out, probs=probs.view(blocks_of), rho=rho, val_contrib=val_contrib, dev_contrib=dev_contrib,
-        block_delta=block_delta, e_val=e_val,
+        out=acc.out, rho=rho, val_contrib=val_contrib, dev_contrib=dev_contrib, block_delta=block_delta, e_val=e_val,
         delta_t=block_delta.amax(dim=-1) if nb else out_norm.new_zeros(out_norm.shape),
         alpha_t=(rho[..., :nb] * mask).sum(dim=-1),
         w_all=spread_around_output(square_sum, out_norm, e_val, value_scale, (nb + 1) * bs, dim),
         w_tail=(dev_contrib[..., :nb] * mask).sum(dim=-1), rms=square_sum.sqrt(), score_error=score_error,
         value_scale=value_scale,
         broken=~(torch.isfinite(torch.where(in_tail, block_notes[..., 0], 0.0)).all(dim=-1)
-                 & torch.isfinite(notes).all(dim=(2, 3, 4))),
+                 & torch.isfinite(acc.block_sums[..., 1:]).all(dim=(2, 3, 4))
+                 & torch.isfinite(acc.value_max).all(dim=-1)),
         length=(nb + 1) * bs,
     )
 
 
 def _token_notes(stored, value_quant, tail_v, view):
-    """Per attended position [Bd, Hkv, nb + 1, bs, 3]: eta_j (0 where values are exact), n_j >= the norm of the value
-    attention reads (||v^_j||, + eta_j for promoted blocks, the exact norm in the partial block), n_j^2; 0 on padding."""
+    """Per attended position [Bd, Hkv, nb + 1, bs, 2]: eta_j (0 where values are exact) and n_j >= the norm of the
+    value attention reads (||v^_j||, + eta_j for promoted blocks, the exact norm in the partial block); 0 on padding."""
     batch, nb, kv_heads, bs, _ = stored.shape
     stored = stored.transpose(1, 2).float()  # [Bd, Hkv, nb, bs, 2]
-    notes = torch.empty(batch, kv_heads, nb + 1, bs, 3, device=stored.device)
     eta = stored[..., 0]
-    notes[:, :, :nb, :, 0] = eta * value_quant[..., None]
+    notes = torch.empty(batch, kv_heads, nb + 1, bs, 2, device=stored.device)
+    notes[:, :, :nb, :, 0] = torch.where(value_quant[..., None], eta, 0.0)
     notes[:, :, :nb, :, 1] = torch.where(value_quant[..., None], stored[..., 1], stored[..., 1] + eta)
     notes[:, :, nb, :, 0] = 0.0
     notes[:, :, nb, :, 1] = tail_v.float().norm(dim=-1).transpose(1, 2)
-    notes.mul_(view.valid.view(batch, 1, nb + 1, bs, 1))
-    notes[..., 2] = notes[..., 1] * notes[..., 1]
-    return notes
+    return torch.where(view.valid.view(batch, 1, nb + 1, bs, 1), notes, 0.0)
 
 
-def _key_terms(quantizer, grouped, k_scale, k_zero, block_notes, in_tail, promoted, tail_k, view, scale):
-    """(Delta_b per block [Bd, Hkv, G, nb], the float32 score error bound [Bd, Hkv, G]) from the metadata: one
-    contraction of |q| with each block's scales and |zeros| gives sum_c |q_c| step_c (Delta's channel form) and a
-    bound of sum_c |q_c| |k^_jc|; exact keys of promoted blocks obey |k_jc| <= |k^_jc| + kappa_b step_c."""
-    nb = k_scale.shape[1]
+def _key_terms(quantizer, grouped, key_dots, block_notes, in_tail, promoted, tail_k, view, scale):
+    """(Delta_b per block [Bd, Hkv, G, nb], the float32 score error bound [Bd, Hkv, G]) from the metadata: the
+    contractions of |q| with each block's scales and |zeros| give sum_c |q_c| step_c (Delta's channel form) and a
+    bound of sum_c |q_c| |k^_jc|; exact keys of promoted blocks obey |k_jc| <= |k^_jc| + kappa_b step_c. The score
+    error covers the dot product (gamma_D) and the two roundings of a dequantization that may differ from the twin's
+    (a kernel's fused multiply-add): gamma_(D+2)."""
+    nb = key_dots.shape[3]
     q_abs = grouped.abs()
-    dots = torch.einsum("bhgd,bnhcd->bhgnc", q_abs, torch.stack([k_scale, k_zero.abs()], dim=3).float())
-    step_dot, magnitude = quantizer.key_dots(dots[..., 0], dots[..., 1], q_abs.sum(dim=-1, keepdim=True))
+    step_dot, magnitude = quantizer.key_dots(key_dots[..., 0], key_dots[..., 1], q_abs.sum(dim=-1, keepdim=True))
     eps, kappa = block_notes[..., 0][:, :, None], block_notes[..., 1][:, :, None]
     q_norm = grouped.norm(dim=-1)
     block_delta = torch.where(in_tail[:, :, None], block_deltas(q_norm[..., None], eps, step_dot, kappa, scale), 0.0)
@@ -226,7 +293,7 @@ def _key_terms(quantizer, grouped, k_scale, k_zero, block_notes, in_tail, promot
     partial = view.valid[:, -tail_k.shape[1]:][:, None, :]  # [Bd, 1, bs]
     tail_norm = (tail_k.float().norm(dim=-1).transpose(1, 2) * partial).amax(dim=-1)  # [Bd, Hkv]
     largest = torch.maximum(magnitude.amax(dim=-1) if nb else q_norm * 0, q_norm * tail_norm[..., None])
-    return block_delta, gamma(grouped.shape[-1]) * scale * largest
+    return block_delta, gamma(grouped.shape[-1] + 2) * scale * largest
 
 
 def _blocks(dequantized, scratch, slots, tail):

@@ -15,7 +15,11 @@ import pytest
 import torch
 from hypothesis import settings
 
-from engine.weights import default_model_dir
+# Triton kernels run in the interpreter without a GPU (set before any kernel module is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from engine.weights import default_model_dir  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -100,9 +100,12 @@ def fp_slack(bound: torch.Tensor, score_error: torch.Tensor, value_scale: torch.
     score_error bounds |fl(s_j) - s_j| (gamma_D tau max_j sum_c |q_c| |k^_jc|); a score perturbation of d moves the
     weights by at most tanh(d) in total variation, and exp/normalisation add a few roundings per weight, so the
     weights cost (2 d + 8 u) * value_scale; the weighted sum of L vectors costs gamma_(L + D) * value_scale.
-    value_scale bounds max_j ||v^_j||."""
+    value_scale bounds max_j ||v^_j||. A kernel's dequantization may round differently from the twin's that measured
+    eta (fused multiply-add): at most 2 u (|code * scale| + |zero|) per channel, under 8 u (||v^_j|| + eta_j) per
+    token for min-max groups: 8 u value_scale, and the relative margin covers 8 u E_val."""
     weights = 2 * score_error + 8 * UNIT_ROUNDOFF
-    return RELATIVE_MARGIN * bound + (weights + gamma(length + head_dim)) * value_scale
+    dequantization = 8 * UNIT_ROUNDOFF
+    return RELATIVE_MARGIN * bound + (weights + dequantization + gamma(length + head_dim)) * value_scale
 
 
 def bound_terms(e_val, delta_t, alpha_t, radius, w_all, w_tail, score_error, value_scale, length: int,

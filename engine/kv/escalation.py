@@ -3,7 +3,7 @@
 Groups are (sequence, KV head): promotions are shared by the group's query heads. A group leaves rung 0 when any of
 its certified/audit heads is over its threshold. Then:
   rung 1  values alone can fit: promote value blocks greedily by sum p^_j eta_j until E_val fits what E_key and
-          E_fp leave;
+          E_fp leave (the weights do not move, so this is cheap to predict);
   rung 2  otherwise: promote key blocks greedily by mass until the predicted E_key fits half the budget, and value
           blocks until E_val fits the other half;
 both promote exact blocks from tier 2 into the scratch and re-run the same certified kernel for the affected
@@ -25,7 +25,6 @@ from engine.kv import certificate as cert
 from engine.kv.stats import RATIO_BINS, EscalationRecord, ratio_bins
 from engine.request import KVMode
 from kernels import certified_decode, decode_attention
-from engine.kv.quantizers import Codes
 from kernels.reference import DecodeResult
 
 if TYPE_CHECKING:
@@ -114,10 +113,7 @@ class Ladder:
                                    cache.promote(layer, "k", keys, h, *ids)) if f is not None]
             moved[(i, h)] = (len(values) + len(keys), sum(f.bytes for f in fetched), sum(f.seconds for f in fetched),
                              all(f.hits == len(f.data) for f in fetched))
-            if keys:
-                rerun[(i, h)] = 2
-            elif not self._correct_values(layer, result, terms, i, h, values, tol[i], state):
-                exact.add((i, h))
+            rerun[(i, h)] = 2 if keys else 1
         if rerun:
             exact |= self._rerun(layer, q, view, scale, radius, tol, rerun, state)
         exact |= {(i, h) for i in broken.nonzero().flatten().tolist() for h in range(out.shape[1])}
@@ -132,29 +128,6 @@ class Ladder:
                                       hit, plan.request_ids[i])
             cache.records.append(record)
             cache.stats[record.engine_id].add_record(record)
-
-    def _correct_values(self, layer, result, terms, i, h, values, tol, state) -> bool:
-        """Rung 1 in place: the weights p^ do not change when values become exact, so
-        O += sum_(j in promoted) p^_j (v_j - v^_j) and E_val loses exactly those blocks' contributions. E_key stays
-        valid (its radii bound ||v_j - O_old|| and any centre may be used); E_fp gains the correction's rounding."""
-        out, bound, limit, rung = state
-        cache, tier1 = self.cache, self.cache.layers[layer]
-        positions = torch.tensor([p for p, _ in values], device=out.device)
-        blocks = torch.tensor([b for _, b in values], device=out.device)
-        exact = tier1.scratch_v[tier1.v_slot[blocks, h]].float()  # [k, bs, D], promoted just before
-        approx = cache.quantizer.dequantize_values(Codes(tier1.v_codes[blocks, h], tier1.v_scale[blocks, h],
-                                                         tier1.v_zero[blocks, h]))
-        weights = result.probs[i, h][:, positions]  # [G, k, bs]
-        out[i, h] += torch.einsum("gkt,ktd->gd", weights, exact - approx)
-        removed = result.val_contrib[i, h][:, positions].sum(dim=-1)
-        e_val = (terms.e_val[i, h] - removed).clamp_min(0)
-        e_fp = terms.e_fp[i, h] + cert.gamma(weights.shape[1] * weights.shape[2] + out.shape[-1]) * removed
-        new_bound = e_val + terms.e_key[i, h] + e_fp
-        new_limit = cert.threshold(out[i, h].norm(dim=-1), new_bound, result.rms[i, h], tol)
-        if not bool((new_bound <= new_limit).all()):
-            return False
-        bound[i, h], limit[i, h], rung[i, h] = new_bound, new_limit, 1
-        return True
 
     def _rerun(self, layer, q, view, scale, radius, tol, planned, state) -> set:
         """Re-certifies the planned groups with their promoted blocks; returns the groups that still fail."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels import scatter_blocks
+
 
 class Scratch:
     """Exact (block, KV head) pieces of one layer kept on the device, keys and values apart.
@@ -40,7 +42,7 @@ class Scratch:
             slots[new] = victims
             slot_map[blocks[new], heads[new]] = victims.int()
             owner[victims] = torch.stack([blocks[new], heads[new]], dim=1)
-        self.data[kind][slots] = data.to(self.data[kind].dtype)
+        scatter_blocks(self.data[kind], slots, data)
         scores[slots] = score
         return slots
 

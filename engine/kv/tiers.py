@@ -22,11 +22,11 @@ from engine.batch import ForwardBatch
 from engine.faults import NO_FAULTS, FaultPlan, ShadowError
 from engine.kv.copy_engine import CopyEngine, Fetch
 from engine.kv.escalation import Ladder
-from engine.kv.quantizers import Quantizer, channel_error_ratio, error_norms, token_error_norms, token_norms
+from engine.kv.quantizers import Quantizer
 from engine.kv.scratch import Scratch
 from engine.kv.stats import RUNGS, CertificateStats, EscalationRecord
 from engine.request import KVMode
-from kernels import certified_decode, decode_attention, prefill_attention
+from kernels import certified_decode, decode_attention, prefill_attention, quantize_blocks
 from kernels.reference import DecodeView, QuantizedLayer, gather_blocks, make_view
 
 
@@ -294,13 +294,11 @@ class TieredKVCache:
         """keys, values [N, Hkv, bs, D] exact -> codes, metadata and measured error norms of `blocks`."""
         tier1, q = self.layers[layer], self.quantizer
         self.checksums[layer][blocks.to(self.shadow_device)] = _checksum(keys, values).to(self.shadow_device)
-        k_codes, v_codes = q.quantize_keys(keys), q.quantize_values(values)
+        written = quantize_blocks(keys, values, q)
+        k_codes, v_codes = written.keys, written.values
         tier1.k_codes[blocks], tier1.k_scale[blocks], tier1.k_zero[blocks] = k_codes.codes, k_codes.scale, k_codes.zero
         tier1.v_codes[blocks], tier1.v_scale[blocks], tier1.v_zero[blocks] = v_codes.codes, v_codes.scale, v_codes.zero
-        k_hat, v_hat = q.dequantize_keys(k_codes), q.dequantize_values(v_codes)
-        tier1.block_notes[blocks] = torch.stack([
-            error_norms(keys, k_hat), channel_error_ratio(keys, k_hat, q.key_grid(k_codes.scale, k_codes.zero)[0])], -1)
-        tier1.token_notes[blocks] = torch.stack([token_error_norms(values, v_hat), token_norms(v_hat)], dim=-1)
+        tier1.block_notes[blocks], tier1.token_notes[blocks] = written.block_notes, written.token_notes
         self.scratch[layer].invalidate(blocks)
         self.copy.invalidate(layer, blocks.tolist())
 

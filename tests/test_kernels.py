@@ -1,0 +1,197 @@
+"""Triton kernels against their PyTorch twins (kernels/reference.py): quantize-on-write, certified paged decode
+attention, the scatter of promoted blocks into the scratch.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1): the shapes stay
+small there; on a GPU the long contexts run too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from engine.kv.quantizers import Codes, MinMaxQuantizer, unpack  # noqa: E402
+from kernels import reference  # noqa: E402
+from kernels.certified_decode import decode_accumulators  # noqa: E402
+from kernels.quantize import quantize_blocks  # noqa: E402
+from kernels.scatter import scatter_blocks  # noqa: E402
+
+GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if GPU else "cpu")
+BS = 16
+BITS = [(8, 4), (4, 4), (4, 2)]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, what: str) -> None:
+    """Equal non-finite pattern; finite entries within atol + rtol |expected|; reports the worst element."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    finite = torch.isfinite(expected)
+    assert torch.equal(finite, torch.isfinite(actual)), f"{what}: non-finite entries differ"
+    excess = torch.where(finite, (actual - expected).abs() - (atol + rtol * expected.abs()), -1.0)
+    worst = int(excess.argmax())
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), excess.shape))
+    assert excess.flatten()[worst] <= 0, (f"{what}: worst element {index}: {actual[index].item()} vs "
+                                          f"{expected[index].item()}")
+
+
+# ---- quantize-on-write ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("bits", BITS)
+def test_quantize_matches_its_twin_and_its_annotations_bound_its_own_codes(dim, bits):
+    torch.manual_seed(dim + bits[0] * 10 + bits[1])
+    quantizer = MinMaxQuantizer(*bits)
+    keys = torch.randn(5, 3, BS, dim, device=DEVICE) * torch.rand(1, 3, 1, dim, device=DEVICE) * 4
+    values = torch.randn(5, 3, BS, dim, device=DEVICE)
+    keys[1, 2, :, 7] = 0.25  # a constant channel
+    got, want = quantize_blocks(keys, values, quantizer), reference.quantize_blocks(keys, values, quantizer)
+    for part in ("keys", "values"):
+        a, b = getattr(got, part), getattr(want, part)
+        assert torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero), f"{part}: metadata differs"
+        width = bits[0] if part == "keys" else bits[1]
+        differ = (unpack(a.codes, width).int() - unpack(b.codes, width).int()).abs()
+        assert int(differ.max()) <= 1 and float((differ > 0).float().mean()) < 0.01, f"{part}: codes differ"
+    assert_close(got.block_notes, want.block_notes, 1e-5, 1e-7, "eps, kappa")
+    assert_close(got.token_notes.float(), want.token_notes.float(), 2e-3, 1e-6, "eta, |v^|")
+    # the kernel's annotations hold for the kernel's own codes, read through the twin's dequantization
+    k_hat, v_hat = quantizer.dequantize_keys(got.keys), quantizer.dequantize_values(got.values)
+    error = keys - k_hat
+    assert bool((error.norm(dim=-1).amax(dim=-1) <= got.block_notes[..., 0]).all())
+    step = quantizer.key_grid(got.keys.scale, got.keys.zero)[0]
+    assert bool(((error.abs() / step[:, :, None]).amax(dim=(2, 3)) <= got.block_notes[..., 1]).all())
+    assert bool(((values - v_hat).norm(dim=-1) <= got.token_notes[..., 0].float()).all())
+    assert bool((v_hat.norm(dim=-1) <= got.token_notes[..., 1].float()).all())
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's numpy meets the NaN
+def test_quantize_marks_non_finite_input_as_broken():
+    keys, values = torch.randn(2, 1, BS, 64, device=DEVICE), torch.randn(2, 1, BS, 64, device=DEVICE)
+    keys[1, 0, 3, 5], values[0, 0, 2, 9] = float("nan"), float("inf")
+    got = quantize_blocks(keys, values, MinMaxQuantizer(8, 4))
+    assert torch.isfinite(got.block_notes[0, 0, 0]) and not torch.isfinite(got.block_notes[1, 0, 0])
+    assert not torch.isfinite(got.token_notes[0, 0, 2, 0]) and bool(torch.isfinite(got.token_notes[1]).all())
+
+
+def test_quantize_refuses_what_it_cannot_do():
+    quantizer = MinMaxQuantizer(8, 4)
+    with pytest.raises(ValueError, match="same"):
+        quantize_blocks(torch.zeros(1, 1, BS, 64), torch.zeros(1, 1, BS, 32), quantizer)
+    with pytest.raises(ValueError, match="powers of two"):
+        quantize_blocks(torch.zeros(1, 1, BS, 48), torch.zeros(1, 1, BS, 48), quantizer)
+
+
+# ---- certified decode -------------------------------------------------------------------------------------------
+def random_layer(lengths, kv_heads, dim, bits, promoted, seed, scratch=8):
+    """A QuantizedLayer holding len(lengths) sequences (distinct blocks each), `promoted` of the full (block, head)
+    pieces also exact in the scratch, and the DecodeView of all of them."""
+    generator = torch.Generator().manual_seed(seed)
+    quantizer = MinMaxQuantizer(*bits)
+    fulls = [n // BS for n in lengths]
+    num_blocks = sum(fulls) + 1
+    keys = torch.randn(num_blocks, kv_heads, BS, dim, generator=generator) * 2
+    values = torch.randn(num_blocks, kv_heads, BS, dim, generator=generator)
+    written = reference.quantize_blocks(keys, values, quantizer)
+    slots = torch.full((num_blocks, kv_heads, 2), -1, dtype=torch.int32)
+    pieces = torch.randperm(num_blocks * kv_heads * 2, generator=generator)[:min(promoted, scratch)]
+    slots.view(-1)[pieces] = torch.arange(len(pieces), dtype=torch.int32)
+    nb = max(max(fulls), 1)
+    tables = torch.zeros(len(lengths), nb, dtype=torch.int64)
+    first = 1
+    for i, n in enumerate(fulls):
+        tables[i, :n] = torch.arange(first, first + n)
+        first += n
+    tail = torch.randn(len(lengths) + 1, BS, kv_heads, dim, generator=generator)
+    layer = reference.QuantizedLayer(
+        written.keys.codes, written.keys.scale, written.keys.zero, written.values.codes, written.values.scale,
+        written.values.zero, written.block_notes, written.token_notes, slots, tail, tail.flip(0).contiguous(),
+        torch.randn(scratch, BS, dim, generator=generator), torch.randn(scratch, BS, dim, generator=generator))
+    lengths = torch.tensor(lengths)
+    view = reference.make_view(tables, lengths // BS, lengths % BS, torch.arange(len(lengths)) + 1, BS,
+                               torch.ones(len(lengths), dtype=torch.bool))
+    move = lambda x: x.to(DEVICE)  # noqa: E731
+    return (reference.QuantizedLayer(*map(move, (getattr(layer, n) for n in layer.__slots__))),
+            reference.DecodeView(*map(move, (getattr(view, n) for n in view.__slots__))), quantizer)
+
+
+def compare(q, layer, view, quantizer, what):
+    scale = q.shape[-1] ** -0.5
+    got = decode_accumulators(q, layer, view, scale, quantizer)
+    want = reference.decode_accumulators(q, layer, view, scale, quantizer)
+    for name in got.__slots__:
+        assert_close(getattr(got, name), getattr(want, name), 1e-4, 1e-5, f"{what}: {name}")
+    finished = [reference.finish_decode(acc, q, layer, view, scale, quantizer) for acc in (got, want)]
+    for name in ("out", "rho", "e_val", "alpha_t", "delta_t", "w_tail", "rms", "score_error"):
+        assert_close(getattr(finished[0], name), getattr(finished[1], name), 1e-4, 1e-5, f"{what}: {name}")
+    assert_close(finished[0].w_all, finished[1].w_all, 1e-3, 1e-3, f"{what}: w_all")  # a square root of a difference
+    return got
+
+
+LONG = [2049] if GPU else []
+
+
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 300, *LONG])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_decode_lengths_and_head_dims(length, dim):
+    layer, view, quantizer = random_layer([length], 2, dim, (8, 4), promoted=3, seed=length + dim)
+    compare(torch.randn(1, 2 * 3, dim, device=DEVICE), layer, view, quantizer, f"L={length} D={dim}")
+
+
+@pytest.mark.parametrize("groups", [1, 3, 4, 8])
+@pytest.mark.parametrize("bits", BITS)
+def test_decode_gqa_ratios_and_bit_widths(groups, bits):
+    layer, view, quantizer = random_layer([40], 2, 64, bits, promoted=4, seed=groups * 7 + bits[1])
+    compare(torch.randn(1, 2 * groups, 64, device=DEVICE), layer, view, quantizer, f"G={groups} bits={bits}")
+
+
+def test_decode_mixed_batch_equals_each_sequence_alone():
+    lengths = [1, 33, 16, 300, 47]
+    layer, view, quantizer = random_layer(lengths, 2, 64, (8, 4), promoted=6, seed=5)
+    q = torch.randn(len(lengths), 8, 64, device=DEVICE)
+    together = compare(q, layer, view, quantizer, "mixed batch")
+    for i, length in enumerate(lengths):
+        nb = max(length // BS, 1)
+        alone = decode_accumulators(q[i:i + 1], layer, view.select(torch.tensor([i], device=DEVICE)), 0.125, quantizer)
+        assert_close(alone.out, together.out[i:i + 1], 1e-5, 1e-6, f"sequence {i}: out")
+        assert_close(alone.block_sums[..., :nb, :], together.block_sums[i:i + 1, ..., :nb, :], 1e-5, 1e-6,
+                     f"sequence {i}: block sums")
+
+
+def test_decode_reads_promoted_blocks_from_the_scratch():
+    """With every piece promoted, the keys and values attention reads are the scratch's: the output changes when
+    the scratch changes and the quantized codes do not matter; the value annotations report exact values."""
+    layer, view, quantizer = random_layer([64], 1, 64, (4, 2), promoted=8, seed=3)
+    q = torch.randn(1, 4, 64, device=DEVICE)
+    before = compare(q, layer, view, quantizer, "promoted")
+    layer.scratch_v.mul_(2.0)
+    after = compare(q, layer, view, quantizer, "promoted, scratch changed")
+    promoted_values = (layer.slots[view.block_tables[0, :4], 0, 1] >= 0).cpu()
+    assert bool(promoted_values.any())
+    assert not torch.allclose(before.out, after.out)
+    assert bool((after.block_sums[0, 0, :, :4][:, promoted_values, 1] == 0).all())  # eta = 0 where values are exact
+
+
+def test_decode_launcher_refuses_bad_inputs():
+    layer, view, quantizer = random_layer([40], 2, 64, (8, 4), promoted=0, seed=1)
+    q = torch.randn(1, 6, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="contiguous"):
+        decode_accumulators(torch.randn(1, 64, 6, device=DEVICE).transpose(1, 2), layer, view, 0.125, quantizer)
+    with pytest.raises(ValueError, match="heads"):
+        decode_accumulators(torch.randn(1, 5, 64, device=DEVICE), layer, view, 0.125, quantizer)
+    other = type("Other", (), {"name": "hadamard", "k_bits": 8, "v_bits": 4})()
+    with pytest.raises(ValueError, match="hadamard"):
+        decode_accumulators(q, layer, view, 0.125, other)
+
+
+# ---- scatter ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_scatter_blocks_matches_its_twin(dtype):
+    source = torch.randn(5, BS, 64, device=DEVICE)
+    slots = torch.tensor([7, 0, 3, 9, 2], device=DEVICE)
+    got, want = torch.zeros(10, BS, 64, dtype=dtype, device=DEVICE), torch.zeros(10, BS, 64, dtype=dtype, device=DEVICE)
+    scatter_blocks(got, slots, source)
+    reference.scatter_blocks(want, slots, source)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="src"):
+        scatter_blocks(got, slots, torch.randn(5, BS, 32, device=DEVICE))
