@@ -38,8 +38,8 @@ def _decode_kernel(q_ptr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, to
     q = tl.load(q_ptr + (seq * HKV * G + h * G + g)[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
     q = q.to(tl.float32)
     q_abs = tl.abs(q)
-    full = tl.load(num_full + seq)
-    filled = tl.load(tail_lens + seq)
+    full = tl.load(num_full + seq).to(tl.int32)
+    filled = tl.load(tail_lens + seq).to(tl.int32)
     scratch_on = tl.load(use_scratch + seq) != 0
     KPB: tl.constexpr = 8 // K_BITS
     VPB: tl.constexpr = 8 // V_BITS

@@ -29,3 +29,18 @@ async def test_locust_smoke(tiny_llama, tmp_path):
     finished, started = int(total["Request Count"]), int(rows["Generate/ttft"]["Request Count"])
     assert finished <= started <= finished + 2  # the time limit can stop each user's stream midway
     assert int(rows["Generate/itl"]["Request Count"]) >= 7 * finished
+
+
+def test_kernel_benchmark_smoke():
+    """loadtest/bench_kernels.py (a GPU benchmark) runs end to end on tiny CPU shapes and prints its JSON rows."""
+    import json
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(ROOT / "loadtest" / "bench_kernels.py"), "--smoke"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    decode = [r for r in rows if r.get("bench") == "decode"]
+    e2e = {r["mode"]: r for r in rows if r.get("bench") == "e2e"}
+    assert decode and all(r["certified_total_ms"] > 0 and r["sdpa_dense_ms"] > 0 for r in decode)
+    assert set(e2e) == {"dense", "certified"} and all(r["decode_tokens_per_s"] > 0 for r in e2e.values())

@@ -47,6 +47,15 @@ def test_low_temperature_and_tiny_top_p_are_greedy():
         assert frequencies(params, n=200)[0] == 1.0
 
 
+def test_denormal_temperature_is_greedy_not_nan():
+    """Found by the descriptor fuzz: logits / 1.4e-45 overflow to inf and the draw failed; such temperatures are
+    greedy, as 0 is."""
+    for temperature in (1.4e-45, 1e-30, 9e-6):
+        assert SamplingParams(temperature=temperature).greedy
+        assert frequencies(SamplingParams(temperature=temperature), n=50)[0] == 1.0
+    assert not SamplingParams(temperature=1e-5).greedy
+
+
 def test_penalties():
     from engine.sampler import _apply_penalties
 

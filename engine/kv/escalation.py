@@ -34,7 +34,7 @@ CERTIFYING = (KVMode.CERTIFIED, KVMode.AUDIT)
 VALUE_ONLY = 0.9  # rung 1 when E_key uses at most this share of the budget
 HEADROOM = 0.5  # promotions aim at this share of the budget, leaving slack so the next steps certify too
 PREFETCH_MARGIN = 0.8  # accepted groups with bound / limit above this get their heaviest quantized blocks prefetched
-PREFETCH_BLOCKS = 2
+PREFETCH_BLOCKS = 3
 
 
 def check(result: DecodeResult, radius: torch.Tensor, tolerance: torch.Tensor):
@@ -77,22 +77,24 @@ class Ladder:
 
     def _prefetch(self, layer, result, plan, bound, limit, rung) -> None:
         """Groups that escalated, or were accepted within PREFETCH_MARGIN of their limit, will probably escalate at the
-        next step: start fetching their heaviest blocks that attention still reads quantized (keys and values), so
-        that the transfer overlaps the rest of this step."""
+        next step: start fetching the blocks the ladder would pick among those attention still reads quantized (keys
+        by mass, as rung 2 does; values by sum p eta, as rung 1 does), so that the transfer overlaps the rest of
+        this step."""
         if not self.cache.copy.enabled or plan.view.block_tables.shape[1] == 0:
             return
         ratio = (bound / limit.clamp_min(1e-30)).amax(dim=-1)  # [Bd, Hkv]
         likely = plan.certifying[:, None] & ((ratio > PREFETCH_MARGIN) | (rung > 0))
         if not bool(likely.any()):
             return
-        view = plan.view
-        quantized = view.full[:, None, :] & (self.cache.layers[layer].k_slot[view.block_tables] < 0).transpose(1, 2)
-        mass = torch.where(quantized, result.rho[..., :-1].amax(dim=2), 0.0)  # [Bd, Hkv, nb]
-        top = mass.topk(min(PREFETCH_BLOCKS, mass.shape[-1]), dim=-1)
-        for i, h in likely.nonzero().tolist():
-            blocks = view.block_tables[i, top.indices[i, h]][top.values[i, h] > 0].tolist()
-            if blocks:
-                self.cache.prefetch(layer, blocks, h)
+        view, tier1 = plan.view, self.cache.layers[layer]
+        wanted = {"k": result.rho[..., :-1].amax(dim=2), "v": result.val_contrib[..., :-1].amax(dim=2)}  # [Bd, Hkv, nb]
+        for kind, slot in (("k", tier1.k_slot), ("v", tier1.v_slot)):  # what rung 2 (keys) and rung 1 (values) pick
+            quantized = view.full[:, None, :] & (slot[view.block_tables] < 0).transpose(1, 2)
+            top = torch.where(quantized, wanted[kind], 0.0).topk(min(PREFETCH_BLOCKS, quantized.shape[-1]), dim=-1)
+            for i, h in likely.nonzero().tolist():
+                blocks = view.block_tables[i, top.indices[i, h]][top.values[i, h] > 0].tolist()
+                if blocks:
+                    self.cache.prefetch(layer, blocks, h, kind)
 
     def _escalate(self, layer, q, result, plan, batch, scale, radius, tol, over, broken, state):
         out, bound, limit, rung = state

@@ -406,9 +406,8 @@ class TieredKVCache:
         self.scratch[layer].put(kind, index, torch.full_like(index, head), fetched.data)
         return fetched
 
-    def prefetch(self, layer: int, blocks: list[int], head: int) -> None:
-        for kind, shadow in (("k", self.shadow_k[layer]), ("v", self.shadow_v[layer])):
-            self.copy.prefetch(layer, kind, shadow, blocks, head)
+    def prefetch(self, layer: int, blocks: list[int], head: int, kind: str) -> None:
+        self.copy.prefetch(layer, kind, self.shadow_k[layer] if kind == "k" else self.shadow_v[layer], blocks, head)
 
 
 def _checksum(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
