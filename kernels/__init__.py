@@ -24,22 +24,27 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and _decode is not None
 
 
+def decode_accumulators(q, layer, view, scale: float, quantizer) -> reference.DecodeAccumulators:
+    """One pass of certified decode attention over tier 1 (the kernel has min-max codes only)."""
+    if use_triton(q) and quantizer.name == "minmax":
+        return _decode.decode_accumulators(q, layer, view, scale, quantizer)
+    return reference.decode_accumulators(q, layer, view, scale, quantizer)
+
+
 def certified_decode(q, layer, view, scale: float, quantizer) -> reference.DecodeResult:
-    """Certified paged decode attention: one pass over tier 1 (kernel or twin), then the certificate's terms."""
-    fused = use_triton(q) and quantizer.name == "minmax"
-    accumulate = _decode.decode_accumulators if fused else reference.decode_accumulators
-    return finish_decode(accumulate(q, layer, view, scale, quantizer), q, layer, view, scale, quantizer)
+    """Certified paged decode attention: one pass over tier 1, then the certificate's terms."""
+    return finish_decode(decode_accumulators(q, layer, view, scale, quantizer), q, layer, view, scale, quantizer)
 
 
 def quantize_blocks(keys, values, quantizer) -> reference.QuantizedBlocks:
-    fused = use_triton(keys) and quantizer.name == "minmax"
-    return (_quantize.quantize_blocks if fused else reference.quantize_blocks)(keys.contiguous(), values.contiguous(),
-                                                                               quantizer)
+    if use_triton(keys) and quantizer.name == "minmax":
+        return _quantize.quantize_blocks(keys.contiguous(), values.contiguous(), quantizer)
+    return reference.quantize_blocks(keys, values, quantizer)
 
 
 def scatter_blocks(dst, slots, src) -> None:
     (_scatter.scatter_blocks if use_triton(dst) else reference.scatter_blocks)(dst, slots, src)
 
 
-__all__ = ["certified_decode", "decode_attention", "paged_attention", "prefill_attention", "quantize_blocks",
-           "scatter_blocks"]
+__all__ = ["certified_decode", "decode_accumulators", "decode_attention", "paged_attention", "prefill_attention",
+           "quantize_blocks", "scatter_blocks"]

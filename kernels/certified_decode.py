@@ -72,7 +72,7 @@ def _decode_kernel(q_ptr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, to
             if v_slot >= 0:
                 v = tl.load(scratch_v + (v_slot * BS + t[:, None]) * D + d[None, :]).to(tl.float32)
                 norm = norm + eta
-                eta = eta * 0.0
+                eta = tl.zeros_like(eta)
             else:
                 token = piece * BS + t[:, None]
                 v_byte = tl.load(v_codes + token * (D // VPB) + (d // VPB)[None, :]).to(tl.int32)
@@ -86,7 +86,7 @@ def _decode_kernel(q_ptr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, to
             k = tl.load(tail_k + at, mask=valid[:, None], other=0.0).to(tl.float32)
             v = tl.load(tail_v + at, mask=valid[:, None], other=0.0).to(tl.float32)
             norm = tl.sqrt(tl.sum(v * v, axis=1))
-            eta = norm * 0.0
+            eta = tl.zeros_like(norm)
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
         s = tl.where(valid[None, :], s, -float("inf"))
         m_b = tl.max(s, axis=1)
@@ -151,7 +151,8 @@ def _check(q, layer: QuantizedLayer, view: DecodeView, quantizer) -> None:
         raise ValueError(f"certified decode: no Triton kernel for quantizer {quantizer.name!r}")
     if heads % kv_heads or dim & (dim - 1) or bs & (bs - 1) or dim % 16:
         raise ValueError(f"certified decode: {heads} heads over {kv_heads} KV heads, head dim {dim}, block {bs}")
-    tensors = [q, *(getattr(layer, name) for name in layer.__slots__), *(getattr(view, name) for name in view.__slots__)]
+    tensors = [q, *(getattr(layer, name) for name in layer.__slots__),
+               *(getattr(view, name) for name in view.__slots__)]
     if any(x.device != q.device for x in tensors):
         raise ValueError("certified decode: every tensor must be on the query's device")
     if not all(x.is_contiguous() for x in tensors):

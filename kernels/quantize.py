@@ -32,6 +32,18 @@ def _round_up_half(y):
 
 
 @triton.jit
+def _code(x, scale, zero, LEVELS: tl.constexpr):
+    """Round-to-nearest min-max code of x on the grid zero + code * scale (float32, clamped to [0, LEVELS])."""
+    code = tl.floor((x - zero) / tl.maximum(scale, 1.1754943508222875e-38) + 0.5)
+    return tl.minimum(tl.maximum(code, 0.0), LEVELS)
+
+
+@triton.jit
+def _non_finite(x, axis: tl.constexpr):
+    return tl.sum(((tl.abs(x) >= float("inf")) | (x != x)).to(tl.int32), axis=axis)
+
+
+@triton.jit
 def _quantize_kernel(k_ptr, v_ptr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, block_notes, token_notes,
                      BS: tl.constexpr, D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
                      GROUP: tl.constexpr):
@@ -50,14 +62,13 @@ def _quantize_kernel(k_ptr, v_ptr, k_codes, k_scale, k_zero, v_codes, v_scale, v
     for i in tl.static_range(KPB):
         channel = c * KPB + i
         k = tl.load(k_ptr + pid * BS * D + t[:, None] * D + channel[None, :]).to(tl.float32)
-        bad += tl.sum(((tl.abs(k) >= float("inf")) | (k != k)).to(tl.int32), axis=0)
+        bad += _non_finite(k, 0)
         scale16 = ((tl.max(k, axis=0) - tl.min(k, axis=0)) / K_LEVELS).to(tl.float16)
         zero16 = tl.min(k, axis=0).to(tl.float16)
         tl.store(k_scale + pid * D + channel, scale16)
         tl.store(k_zero + pid * D + channel, zero16)
         scale, zero = scale16.to(tl.float32), zero16.to(tl.float32)
-        code = tl.floor((k - zero[None, :]) / tl.maximum(scale, 1.1754943508222875e-38)[None, :] + 0.5)
-        code = tl.minimum(tl.maximum(code, 0.0), K_LEVELS)
+        code = _code(k, scale[None, :], zero[None, :], K_LEVELS)
         err = k - (code * scale[None, :] + zero[None, :])
         err_sq += tl.sum(err * err, axis=1)
         step = tl.abs(zero) * 2**-10 + scale + 2**-24
@@ -95,9 +106,8 @@ def _quantize_kernel(k_ptr, v_ptr, k_codes, k_scale, k_zero, v_codes, v_scale, v
     bad = tl.zeros([BS], dtype=tl.int32)
     for i in tl.static_range(VPB):
         v = tl.load(v_ptr + rows + (w * VPB + i)[None, :]).to(tl.float32)
-        bad += tl.sum(((tl.abs(v) >= float("inf")) | (v != v)).to(tl.int32), axis=1)
-        code = tl.floor((v - zero) / tl.maximum(scale, 1.1754943508222875e-38) + 0.5)
-        code = tl.minimum(tl.maximum(code, 0.0), V_LEVELS)
+        bad += _non_finite(v, 1)
+        code = _code(v, scale, zero, V_LEVELS)
         v_hat = code * scale + zero
         err_sq += tl.sum((v - v_hat) * (v - v_hat), axis=1)
         norm_sq += tl.sum(v_hat * v_hat, axis=1)

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine.kv.quantizers import META_DTYPE, VALUE_GROUP, Codes, MinMaxQuantizer  # noqa: E402
-from kernels import certified_decode, reference, use_triton  # noqa: E402
+from kernels import certified_decode, decode_accumulators, reference, use_triton  # noqa: E402
 
 BS = 16
 
@@ -83,17 +83,18 @@ def random_layer(batch: int, context: int, kv_heads: int, dim: int, bits: tuple[
         torch.randn(batch, BS, kv_heads, dim, device=device, dtype=dtype),
         torch.randn(batch, BS, kv_heads, dim, device=device, dtype=dtype),
         torch.zeros(64, BS, dim, device=device, dtype=dtype), torch.zeros(64, BS, dim, device=device, dtype=dtype))
-    tables = torch.arange(1, blocks, device=device).view(batch, full) if full else torch.zeros(batch, 1, dtype=torch.long, device=device)
-    view = reference.make_view(tables, torch.full((batch,), full, device=device), torch.full((batch,), tail, device=device),
-                               torch.arange(batch, device=device), BS, torch.ones(batch, dtype=torch.bool, device=device))
+    tables = (torch.arange(1, blocks, device=device).view(batch, full) if full
+              else torch.zeros(batch, 1, dtype=torch.long, device=device))
+    view = reference.make_view(tables, torch.full((batch,), full, device=device),
+                               torch.full((batch,), tail, device=device), torch.arange(batch, device=device), BS,
+                               torch.ones(batch, dtype=torch.bool, device=device))
     return layer, view
 
 
 def tier1_bytes(batch: int, context: int, kv_heads: int, dim: int, bits: tuple[int, int]) -> int:
     """Bytes certified decode reads: codes, metadata and annotations of every full block, the exact partial block."""
     per_block = BS * dim * (bits[0] + bits[1]) // 8 + 2 * dim * 2 + 2 * BS * dim // VALUE_GROUP * 2 + BS * 2 * 2 + 8
-    full, tail = divmod(context, BS)
-    return batch * kv_heads * (full * per_block + 2 * BS * dim * 2)
+    return batch * kv_heads * (context // BS * per_block + 2 * BS * dim * 2)
 
 
 def bench_decode(batch, context, args, device, dtype, peak) -> dict:
@@ -115,8 +116,6 @@ def bench_decode(batch, context, args, device, dtype, peak) -> dict:
         v = v.to(dtype).permute(0, 2, 1, 3, 4).reshape(batch, kv_heads, full * BS, dim)
         return F.scaled_dot_product_attention(query, k, v, scale=scale, enable_gqa=True)
 
-    accumulate = (sys.modules["kernels.certified_decode"].decode_accumulators if use_triton(q)
-                  else reference.decode_accumulators)
     dense_bytes = 2 * batch * kv_heads * context * dim * keys.element_size()
     cert_bytes = tier1_bytes(batch, context, kv_heads, dim, args.bits)
     row = {"bench": "decode", "batch": batch, "context": context, "dtype": str(dtype).split(".")[-1],
@@ -124,7 +123,8 @@ def bench_decode(batch, context, args, device, dtype, peak) -> dict:
     row["sdpa_dense_ms"] = timed(lambda: F.scaled_dot_product_attention(query, keys, values, scale=scale,
                                                                         enable_gqa=True), device, args.repeats)
     row["dequant_sdpa_ms"] = timed(dequantize_then_sdpa, device, args.repeats)
-    row["certified_kernel_ms"] = timed(lambda: accumulate(q, layer, view, scale, quantizer), device, args.repeats)
+    row["certified_kernel_ms"] = timed(lambda: decode_accumulators(q, layer, view, scale, quantizer), device,
+                                       args.repeats)
     row["certified_total_ms"] = timed(lambda: certified_decode(q, layer, view, scale, quantizer), device, args.repeats)
     row["speedup_vs_dense"] = row["sdpa_dense_ms"] / row["certified_total_ms"]
     row["dense_gbps"] = dense_bytes / row["sdpa_dense_ms"] / 1e6

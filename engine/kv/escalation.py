@@ -88,13 +88,17 @@ class Ladder:
             return
         view, tier1 = plan.view, self.cache.layers[layer]
         wanted = {"k": result.rho[..., :-1].amax(dim=2), "v": result.val_contrib[..., :-1].amax(dim=2)}  # [Bd, Hkv, nb]
+        tops = {}
         for kind, slot in (("k", tier1.k_slot), ("v", tier1.v_slot)):  # what rung 2 (keys) and rung 1 (values) pick
             quantized = view.full[:, None, :] & (slot[view.block_tables] < 0).transpose(1, 2)
             top = torch.where(quantized, wanted[kind], 0.0).topk(min(PREFETCH_BLOCKS, quantized.shape[-1]), dim=-1)
-            for i, h in likely.nonzero().tolist():
-                blocks = view.block_tables[i, top.indices[i, h]][top.values[i, h] > 0].tolist()
-                if blocks:
-                    self.cache.prefetch(layer, blocks, h, kind)
+            blocks = view.block_tables.gather(1, top.indices.flatten(1)).view_as(top.indices)
+            blocks = torch.where(top.values > 0, blocks, -1)
+            tops[kind] = blocks.tolist()  # [Bd][Hkv][PREFETCH_BLOCKS], -1: nothing worth fetching
+        for i, h in likely.nonzero().tolist():
+            for kind, blocks in tops.items():
+                if chosen := [b for b in blocks[i][h] if b >= 0]:
+                    self.cache.prefetch(layer, chosen, h, kind)
 
     def _escalate(self, layer, q, result, plan, batch, scale, radius, tol, over, broken, state):
         out, bound, limit, rung = state
