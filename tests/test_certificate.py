@@ -19,8 +19,9 @@ from engine.kv.quantizers import round_up
 BS = 16
 
 
-def certify_case(q, k, k_hat, v, v_hat, promoted, scale):
-    """q [D]; k, k_hat, v, v_hat [L, D]; promoted [num_blocks] bool (exact keys used). Returns (actual, terms)."""
+def certify_case(q, k, k_hat, v, v_hat, promoted, scale, per_block=True):
+    """q [D]; k, k_hat, v, v_hat [L, D]; promoted [num_blocks] bool (exact keys used). Returns (actual, terms);
+    per_block: E_key may also use each block's own Delta_b (certificate.blockwise_key_error)."""
     length, dim = k.shape
     blocks = math.ceil(length / BS)
     full = length // BS  # the partial block (if any) is exact, like the cache's tail
@@ -53,7 +54,10 @@ def certify_case(q, k, k_hat, v, v_hat, promoted, scale):
     w_all = cert.spread_around_output((probs * norms * norms).sum(), out.norm(), e_val, norms.max(), length, dim)
     w_tail = (probs * (norms + out.norm() + eta))[token_tail].sum()
     score_error = cert.gamma(dim) * scale * (q.float().abs() @ key_used.float().abs().T).max()
-    terms = cert.bound_terms(e_val, delta_t, alpha_t, radius, w_all, w_tail, score_error, norms.max(), length, dim)
+    rho = torch.zeros(blocks).index_add_(0, block_of, probs)
+    dev = torch.zeros(blocks).index_add_(0, block_of, probs * (norms + out.norm() + eta))
+    terms = cert.bound_terms(e_val, delta_t, alpha_t, radius, w_all, w_tail, score_error, norms.max(), length, dim,
+                             (deltas, rho, dev) if per_block else None)
     reference = torch.softmax((k.double() @ q.double()) * scale, dim=0) @ v.double()
     return (out.double() - reference).norm().item(), terms
 
@@ -102,6 +106,20 @@ def test_bound_holds(seed, length, dim, key_err, val_err, kind):
     q, k, k_hat, v, v_hat, promoted = make_case(seed, length, dim, key_err, val_err, kind)
     actual, terms = certify_case(q, k, k_hat, v, v_hat, promoted, dim ** -0.5)
     assert actual <= terms.total.item(), (actual, terms)
+    _, max_form = certify_case(q, k, k_hat, v, v_hat, promoted, dim ** -0.5, per_block=False)
+    assert terms.e_key <= max_form.e_key  # the per-block form only ever tightens E_key
+
+
+def test_per_block_form_discounts_a_light_block_with_a_large_delta():
+    """One block carries a huge key error but almost no mass: Delta_T is large, the mass-weighted form is not."""
+    q, k, k_hat, v, v_hat, promoted = make_case(11, 64, 64, 0.01, 0.0, "random")
+    promoted[:] = False
+    k[16:32] -= 4 * q / q.norm()  # block 1 points away from q: it holds little mass ...
+    k_hat[16:32] = k[16:32] - 0.5 * q / q.norm()  # ... and carries a large key error: Delta_1 = tau ||q|| / 2
+    actual, per_block = certify_case(q, k, k_hat, v, v_hat, promoted, 0.125)
+    _, max_form = certify_case(q, k, k_hat, v, v_hat, promoted, 0.125, per_block=False)
+    assert actual <= per_block.total.item()
+    assert per_block.e_key < 0.5 * max_form.e_key, (per_block.e_key, max_form.e_key)
 
 
 def test_tanh_form_is_attained():

@@ -76,12 +76,36 @@ def ratio_bounds(delta_t: torch.Tensor, alpha_t: torch.Tensor) -> tuple[torch.Te
     return u_tail, u_exact
 
 
-def key_error(delta_t, alpha_t, radius, w_all, w_tail) -> torch.Tensor:
-    """E_key = min of forms (a) and (c); w_all = W', w_tail = W_T'."""
+def key_error(delta_t, alpha_t, radius, w_all, w_tail, blocks: tuple | None = None) -> torch.Tensor:
+    """E_key = min of forms (a), (c) and, given the per-block terms `blocks` = (Delta_b, rho_b, W_b'), (b);
+    w_all = W', w_tail = W_T'."""
     spread = softmax_tv_bound(delta_t, alpha_t) * 2 * radius
     u_tail, u_exact = ratio_bounds(delta_t, alpha_t)
     deviation = u_tail * torch.minimum(w_tail, w_all) + u_exact * w_all
-    return torch.minimum(spread, torch.nan_to_num(deviation, nan=torch.inf))
+    bound = torch.minimum(spread, torch.nan_to_num(deviation, nan=torch.inf))
+    if blocks is not None:
+        bound = torch.minimum(bound, blockwise_key_error(*blocks, radius, w_all))
+    return bound
+
+
+def blockwise_key_error(block_delta, rho, dev, radius, w_all) -> torch.Tensor:
+    """Form (b): form (c) with each block's own Delta_b instead of Delta_T for all of T. Blocks [..., nb] with Delta_b,
+    their masses rho_b and W_b' = sum_(j in b) p^_j (n_j + ||O|| + eta_j); Delta_b = 0 marks a block of P.
+
+    Z/Z^ = sum p^_j e^-delta_j lies in [1 - sum_b rho_b (1 - e^-Delta_b), 1 + sum_b rho_b (e^Delta_b - 1)], so
+    |p^_j - p_j| <= u_b p^_j in block b (u_b from Delta_b as u_T from Delta_T) and u_P p^_j on the rest, u_P <= u_b:
+    ||sum (p^_j - p_j)(v_j - O)|| <= u_P W' + sum_b (u_b - u_P) W_b <= u_P W' + min(sum_b (u_b - u_P) W_b',
+    (max_b u_b - u_P) W'), and TV(p, p^) <= (sum_b rho_b u_b + (1 - sum_b rho_b) u_P) / 2 for form (a)."""
+    m_lo = 1 - (rho * -torch.expm1(-block_delta)).sum(dim=-1, keepdim=True)
+    m_hi = 1 + (rho * torch.expm1(block_delta)).sum(dim=-1, keepdim=True)
+    u_block = torch.maximum(torch.exp(block_delta) / m_lo - 1, 1 - torch.exp(-block_delta) / m_hi)
+    u_exact = torch.maximum(1 / m_lo - 1, 1 - 1 / m_hi).squeeze(-1)
+    excess = (u_block - u_exact[..., None]).clamp_min(0)
+    deviation = u_exact * w_all + torch.minimum((excess * dev).sum(dim=-1), excess.amax(dim=-1) * w_all)
+    mass = rho.sum(dim=-1)
+    tv = ((rho * u_block).sum(dim=-1) + (1 - mass).clamp_min(0) * u_exact) / 2
+    bound = torch.minimum(deviation, tv * 2 * radius)
+    return torch.where(m_lo.squeeze(-1) > 0, torch.nan_to_num(bound, nan=torch.inf), torch.inf)
 
 
 def spread_around_output(norm_sq: torch.Tensor, out_norm: torch.Tensor, e_val: torch.Tensor, value_scale, length: int,
@@ -109,9 +133,9 @@ def fp_slack(bound: torch.Tensor, score_error: torch.Tensor, value_scale: torch.
 
 
 def bound_terms(e_val, delta_t, alpha_t, radius, w_all, w_tail, score_error, value_scale, length: int,
-                head_dim: int) -> BoundTerms:
+                head_dim: int, blocks: tuple | None = None) -> BoundTerms:
     """All terms for a batch of heads (tensors broadcast together), from the kernel's accumulators."""
-    e_key = key_error(delta_t, alpha_t, radius, w_all, w_tail)
+    e_key = key_error(delta_t, alpha_t, radius, w_all, w_tail, blocks)
     e_fp = fp_slack(e_val + e_key, score_error, value_scale, length, head_dim)
     return BoundTerms(e_val, e_key, e_fp)
 

@@ -46,8 +46,11 @@ def check(result: DecodeResult, radius: torch.Tensor, tolerance: torch.Tensor):
 
 
 def terms_of(result: DecodeResult, radius: torch.Tensor) -> cert.BoundTerms:
+    nb = result.block_delta.shape[-1]
+    blocks = (result.block_delta, result.rho[..., :nb], result.dev_contrib[..., :nb]) if nb else None
     return cert.bound_terms(result.e_val, result.delta_t, result.alpha_t, radius[..., None], result.w_all,
-                            result.w_tail, result.score_error, result.value_scale, result.length, result.out.shape[-1])
+                            result.w_tail, result.score_error, result.value_scale, result.length, result.out.shape[-1],
+                            blocks)
 
 
 class Ladder:
