@@ -7,6 +7,8 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
+from engine.kv.quantizers import make_quantizer
+
 DEVICES = ("auto", "cpu", "cuda")
 KV_MODES = ("dense", "quantized", "certified", "exact", "audit")
 DEFAULT_TOLERANCE = 0.3  # relative to max(||O_ref||, RMS of the attended values); README "Choosing the tolerance"
@@ -61,8 +63,10 @@ class EngineConfig:
         _require(self.threads is None or self.threads > 0, "threads", "must be positive")
         _require(self.kv_mode in KV_MODES, "kv_mode", f"must be one of {KV_MODES}")
         _require(self.tolerance >= 0 and self.tolerance == self.tolerance, "tolerance", "must be >= 0")
-        _require(self.k_bits in (4, 8), "k_bits", "must be 8 or 4")
-        _require(self.v_bits in (2, 4), "v_bits", "must be 4 or 2")
+        try:
+            make_quantizer(self.quantizer, self.k_bits, self.v_bits)
+        except ValueError as e:
+            raise ValueError(f"EngineConfig.quantizer/k_bits/v_bits: {e}") from None
         _require(self.scratch_blocks > 0, "scratch_blocks", "must be positive")
         _require(self.shadow_memory > 0, "shadow_memory", "must be positive")
 

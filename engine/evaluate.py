@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=2048, help="tokens of the text used (whole windows)")
     p.add_argument("--kv-mode", default="audit", choices=["quantized", "certified", "exact", "audit"])
     p.add_argument("--tolerance", type=float, default=None)
-    p.add_argument("--k-bits", type=int, default=8, choices=(8, 4))
-    p.add_argument("--v-bits", type=int, default=4, choices=(4, 2))
+    p.add_argument("--k-bits", type=int, default=8, choices=(4, 5, 6, 8))
+    p.add_argument("--v-bits", type=int, default=4, choices=(2, 3, 4))
     p.add_argument("--quantizer", default="minmax")
     p.add_argument("--scratch-blocks", type=int, default=32,
                    help="scratch pieces per layer; keep it small against the windows, or everything stays exact")

@@ -25,8 +25,8 @@ def use_triton(x: torch.Tensor) -> bool:
 
 
 def decode_accumulators(q, layer, view, scale: float, quantizer) -> reference.DecodeAccumulators:
-    """One pass of certified decode attention over tier 1 (the kernel has min-max codes only)."""
-    if use_triton(q) and quantizer.name == "minmax":
+    """One pass of certified decode attention over tier 1 (the kernel reads min-max codes of 8/4 and 4/2 bits)."""
+    if use_triton(q) and quantizer.triton:
         return _decode.decode_accumulators(q, layer, view, scale, quantizer)
     return reference.decode_accumulators(q, layer, view, scale, quantizer)
 
@@ -37,7 +37,7 @@ def certified_decode(q, layer, view, scale: float, quantizer) -> reference.Decod
 
 
 def quantize_blocks(keys, values, quantizer) -> reference.QuantizedBlocks:
-    if use_triton(keys) and quantizer.name == "minmax":
+    if use_triton(keys) and quantizer.triton:
         return _quantize.quantize_blocks(keys.contiguous(), values.contiguous(), quantizer)
     return reference.quantize_blocks(keys, values, quantizer)
 

@@ -116,7 +116,7 @@ def quantize_blocks(keys: torch.Tensor, values: torch.Tensor, quantizer) -> Quan
     the dequantization attention uses, rounded metadata included (rounded up: they stay upper bounds)."""
     k_codes, v_codes = quantizer.quantize_keys(keys), quantizer.quantize_values(values)
     k_hat, v_hat = quantizer.dequantize_keys(k_codes), quantizer.dequantize_values(v_codes)
-    step = quantizer.key_grid(k_codes.scale, k_codes.zero)[0]
+    step = quantizer.key_step(k_codes, keys.shape[-1])
     block_notes = torch.stack([error_norms(keys, k_hat), channel_error_ratio(keys, k_hat, step)], dim=-1)
     token_notes = torch.stack([token_error_norms(values, v_hat), token_norms(v_hat)], dim=-1)
     return QuantizedBlocks(k_codes, v_codes, block_notes, token_notes)
@@ -162,7 +162,7 @@ class DecodeAccumulators:
     out: torch.Tensor  # [Bd, Hkv, G, D] float32: O = sum_j p^_j v^_j
     block_max: torch.Tensor  # [Bd, Hkv, G, nb + 1]: m_b (-inf for a block with no token)
     block_sums: torch.Tensor  # [Bd, Hkv, G, nb + 1, 4]: sum e, sum e eta, sum e n, sum e n^2
-    key_dots: torch.Tensor  # [Bd, Hkv, G, nb, 2]: sum_c |q_c| scale_bc, sum_c |q_c| |zero_bc|
+    key_dots: torch.Tensor  # [Bd, Hkv, G, nb, 2]: Quantizer.key_contractions (min-max: sum |q| scale, sum |q| |zero|)
     value_max: torch.Tensor  # [Bd, Hkv, nb + 1]: max_j n_j over the block's attended tokens
 
 
@@ -221,7 +221,7 @@ def decode_accumulators(q, layer: QuantizedLayer, view: DecodeView, scale: float
     eta, norm = _token_notes(layer.token_notes[tables], (view.full[:, :, None] & (slots[..., 1] < 0)).transpose(1, 2),
                              tail_v, view).unbind(-1)  # [Bd, Hkv, nb + 1, bs]
     terms = torch.stack([torch.ones_like(eta), eta, norm, norm * norm], dim=-1)
-    dots = torch.einsum("bhgd,bnhcd->bhgnc", grouped.abs(), torch.stack([k_scale, k_zero.abs()], dim=3).float())
+    dots = quantizer.key_contractions(grouped.abs(), k_scale, k_zero)
     dots = torch.where(view.full[:, None, None, :, None], dots, 0.0)  # padding entries of the tables: nothing
     return DecodeAccumulators(out=out, block_max=block_max, block_sums=torch.einsum("bhgkt,bhktc->bhgkc", e, terms),
                               key_dots=dots, value_max=norm.amax(dim=-1))

@@ -1,6 +1,6 @@
 """Quality and escalation sweep of the certified cache (prints JSON lines and a markdown table).
 
-For each bit setting, one engine evaluates (engine.evaluate) the quantized baseline and audit mode at each
+For each quantizer and bit setting (`QUANTIZER:K/V`), one engine evaluates (engine.evaluate) the quantized baseline and audit mode at each
 tolerance on the same windows of the corpus: perplexity and KL against dense, rung-0 rate, audit violations,
 bound tightness and bytes per token. Audit mode returns exactly what certified mode returns, plus the checks.
 """
@@ -18,9 +18,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| bits K/V | mode | tolerance | PPL | vs dense | KL | rung 0 | rung 1 | rung 2 | rung 3 | violations | "
+    head = ("| quantizer | bits K/V | mode | tolerance | PPL | vs dense | KL | rung 0 | rung 1 | rung 2 | rung 3 | violations | "
             "median actual/bound | mass on quantized keys | tier-1 bytes vs FP16 |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
     def fmt(value, spec=""):
         return "-" if value is None else format(value, spec)
@@ -29,7 +29,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         rungs = r["rung_fraction"] or [None] * 5
         lines.append(" | ".join([
-            f"| K{r['k_bits']}/V{r['v_bits']}", r["mode"], fmt(r["tolerance"]), f"{r['ppl']:.3f}",
+            f"| {r['quantizer']}", f"K{r['k_bits']}/V{r['v_bits']}", r["mode"], fmt(r["tolerance"]), f"{r['ppl']:.3f}",
             f"{r['ppl_delta_pct']:+.2f}%", f"{r['kl_mean']:.2e}",
             *(fmt(None if x is None else 100 * x, ".1f") + ("%" if x is not None else "") for x in rungs[:4]),
             fmt(r["audit_violations"]), fmt(r["median_actual_over_bound"], ".3f"), fmt(r["quantized_key_mass"], ".2f"),
@@ -43,7 +43,8 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=1024)
-    parser.add_argument("--bits", nargs="+", default=["8/4", "4/4", "4/2"])
+    parser.add_argument("--configs", nargs="+", default=["minmax:8/4", "minmax:4/4", "minmax:4/2"],
+                        help="QUANTIZER:K/V, e.g. minmax/hadamard:5/2 (engine/kv/quantizers.py)")
     parser.add_argument("--tolerances", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--scratch-blocks", type=int, default=16,
@@ -57,11 +58,12 @@ def main() -> None:
     from engine.request import KVMode, KVPolicy
 
     rows = []
-    for bits in args.bits:
+    for spec in args.configs:
+        quantizer, bits = spec.rsplit(":", 1)
         k_bits, v_bits = (int(b) for b in bits.split("/"))
-        engine = LLMEngine(EngineConfig(model=args.model, kv_mode="audit", k_bits=k_bits, v_bits=v_bits,
-                                        threads=args.threads, max_num_seqs=64, max_num_batched_tokens=4096,
-                                        scratch_blocks=args.scratch_blocks))
+        engine = LLMEngine(EngineConfig(model=args.model, kv_mode="audit", quantizer=quantizer, k_bits=k_bits,
+                                        v_bits=v_bits, threads=args.threads, max_num_seqs=64,
+                                        max_num_batched_tokens=4096, scratch_blocks=args.scratch_blocks))
         tokens = engine.tokenizer(args.text.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
         windows = windows_of(tokens, args.window, args.max_tokens)
         policies = [KVPolicy(KVMode.QUANTIZED, 0.0)] + [KVPolicy(KVMode.AUDIT, t) for t in args.tolerances]

@@ -67,9 +67,10 @@ def _kv(p: argparse.ArgumentParser) -> None:
                     help="dense: plain paged cache; others: the tiered cache, and the mode of requests that set none")
     kv.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                     help="relative error certified by default (requests may set their own)")
-    kv.add_argument("--k-bits", type=int, choices=(8, 4), default=8)
-    kv.add_argument("--v-bits", type=int, choices=(4, 2), default=4)
-    kv.add_argument("--quantizer", default="minmax")
+    kv.add_argument("--k-bits", type=int, choices=(4, 5, 6, 8), default=8)
+    kv.add_argument("--v-bits", type=int, choices=(2, 3, 4), default=4)
+    kv.add_argument("--quantizer", default="minmax",
+                    help="tier-1 codes: minmax, hadamard, or KEYS/VALUES such as minmax/hadamard (engine/kv/quantizers.py)")
     kv.add_argument("--scratch-blocks", type=int, default=512,
                     help="promoted exact (block, KV head) pieces kept on the device per layer, keys and values each")
     kv.add_argument("--shadow-memory", type=parse_bytes, default="2GiB",

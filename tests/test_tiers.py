@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from engine.batch import build_forward_batch
 from engine.kv.escalation import check
-from engine.kv.quantizers import MinMaxQuantizer, error_norms
+from engine.kv.quantizers import MinMaxQuantizer, error_norms, make_quantizer
 from engine.kv.scratch import Scratch
 from engine.kv.tiers import TieredKVCache
 from engine.request import KVMode, KVPolicy, Request, SamplingParams, StoppingParams
@@ -27,9 +27,9 @@ BS, HKV, G, D = 16, 2, 3, 64
 class Harness:
     """One layer of a TieredKVCache, fed sequence by sequence with known exact K/V."""
 
-    def __init__(self, k_bits=4, v_bits=2, num_blocks=64, max_seqs=4, scratch=32, seed=0):
+    def __init__(self, k_bits=4, v_bits=2, num_blocks=64, max_seqs=4, scratch=32, seed=0, quantizer="minmax"):
         self.cache = TieredKVCache(1, num_blocks, BS, HKV, D, torch.float32, torch.device("cpu"),
-                                   MinMaxQuantizer(k_bits, v_bits), max_seqs, scratch)
+                                   make_quantizer(quantizer, k_bits, v_bits), max_seqs, scratch)
         self.gen = torch.Generator().manual_seed(seed)
         self.keys: dict[str, torch.Tensor] = {}
         self.values: dict[str, torch.Tensor] = {}
@@ -84,9 +84,12 @@ def random_kv(gen, n, kind="random"):
 @settings(max_examples=int(os.environ.get("CERTKV_PROPERTY_EXAMPLES", 40)), deadline=None)
 @given(seed=st.integers(0, 2**31), lengths=st.lists(st.sampled_from([1, 15, 16, 17, 40, 100]), min_size=1,
                                                       max_size=3),
-       bits=st.sampled_from([(8, 4), (4, 4), (4, 2)]), kind=st.sampled_from(["random", "outlier", "sink", "offset"]))
-def test_bound_holds_on_the_real_write_path(seed, lengths, bits, kind):
-    h = Harness(*bits, seed=seed)
+       bits=st.sampled_from([(8, 4), (4, 4), (4, 2), (5, 3), (6, 2)]),
+       quantizer=st.sampled_from(["minmax", "hadamard", "minmax/hadamard"]),
+       kind=st.sampled_from(["random", "outlier", "sink", "offset"]))
+def test_bound_holds_on_the_real_write_path(seed, lengths, bits, quantizer, kind):
+    """Every quantizer: the certificate only reads annotations measured against its own dequantization."""
+    h = Harness(*bits, seed=seed, quantizer=quantizer)
     rids = [f"s{i}" for i in range(len(lengths))]
     h.step({rid: random_kv(h.gen, n, kind) for rid, n in zip(rids, lengths)}, KVPolicy(KVMode.AUDIT, 0.05))
     for _ in range(3):  # decode steps: blocks fill, the ladder promotes, promoted blocks are reused
@@ -217,12 +220,13 @@ def test_tier1_bytes_per_token_meet_the_promise():
             assert TieredKVCache.tier1_bytes(quant, head_dim, 16) / fp16 <= limit, (bits, head_dim)
 
 
+@pytest.mark.parametrize("quantizer", ["minmax", "hadamard"])
 @pytest.mark.parametrize("mode", [KVMode.QUANTIZED, KVMode.CERTIFIED])
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 33])
-def test_twin_equals_brute_force(n, mode):
+def test_twin_equals_brute_force(n, mode, quantizer):
     """certified_decode's output equals attention over explicitly dequantized blocks, the exact partial block and
     (except for the naive quantized baseline) the exact pieces the scratch holds."""
-    h = Harness(4, 4, seed=10 + n)
+    h = Harness(4, 4, seed=10 + n, quantizer=quantizer)
     policy = KVPolicy(mode, 10.0)  # a tolerance nothing exceeds: the kernel's own output is what comes back
     h.step({"a": random_kv(h.gen, n)}, policy)
     q = torch.randn(1, HKV * G, D, generator=h.gen)

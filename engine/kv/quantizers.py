@@ -9,6 +9,8 @@ measured errors describe exactly what attention reads, rounded metadata included
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,34 +28,47 @@ class Codes:
 
 
 class Quantizer(Protocol):
+    """What tier 1 needs from a quantizer. Each quantizer lays out its own metadata (shapes per block and KV head);
+    the certificate only reads the error annotations measured against `dequantize_*` at write time, plus two
+    contractions of |q| with the key metadata (Delta's channel form and a bound on |q| . |k^|)."""
+
     name: str
     k_bits: int
     v_bits: int
+    triton: bool  # the Triton kernels implement this layout (else the twins run everywhere)
 
+    def key_meta(self, block_size: int, dim: int) -> tuple[tuple[int, ...], tuple[int, ...]]: ...
+    def value_meta(self, dim: int) -> tuple[int, int]: ...
     def quantize_keys(self, k: torch.Tensor) -> Codes: ...
     def dequantize_keys(self, c: Codes) -> torch.Tensor: ...
     def quantize_values(self, v: torch.Tensor) -> Codes: ...
     def dequantize_values(self, c: Codes) -> torch.Tensor: ...
-    def key_grid(self, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-    def key_dots(self, scale_dot, zero_dot, q_abs_sum) -> tuple[torch.Tensor, torch.Tensor]: ...
-    def bytes_per_token(self, head_dim: int, block_size: int) -> float: ...
+    def key_step(self, c: Codes, dim: int) -> torch.Tensor: ...
+    def key_contractions(self, q_abs, scale, zero) -> torch.Tensor: ...
+    def key_dots(self, first, second, q_abs_sum) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def key_bytes(self, dim: int, block_size: int) -> float: ...
+    def value_bytes(self, dim: int) -> float: ...
+    def bytes_per_token(self, dim: int, block_size: int) -> float: ...
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes < 2**bits [..., D] -> bytes [..., D * bits / 8]; code i of a byte sits at bit i * bits."""
+    """uint8 codes < 2**bits [..., D] -> bytes [..., D * bits / 8] (D a multiple of 8): code i of a group of 8 codes
+    sits at bit i * bits of the group's `bits` bytes, little-endian (for 2, 4 and 8 bits: code i of a byte at bit
+    i * bits, the layout the Triton kernels read)."""
     if bits == 8:
         return codes
-    per_byte = 8 // bits
-    grouped = codes.view(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte).to(torch.int32)
-    shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.int32)
-    return (grouped << shifts).sum(dim=-1).to(torch.uint8)
+    groups = codes.view(*codes.shape[:-1], codes.shape[-1] // 8, 8).to(torch.int64)
+    word = (groups << torch.arange(0, 8 * bits, bits, device=codes.device)).sum(dim=-1, keepdim=True)
+    return ((word >> torch.arange(0, 8 * bits, 8, device=codes.device)) & 0xFF).to(torch.uint8).flatten(-2)
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return packed
-    mask = (1 << bits) - 1
-    return torch.stack([(packed >> shift) & mask for shift in range(0, 8, bits)], dim=-1).flatten(-2)
+    groups = packed.view(*packed.shape[:-1], packed.shape[-1] // bits, bits).to(torch.int64)
+    word = (groups << torch.arange(0, 8 * bits, 8, device=packed.device)).sum(dim=-1, keepdim=True)
+    codes = (word >> torch.arange(0, 8 * bits, bits, device=packed.device)) & ((1 << bits) - 1)
+    return codes.to(torch.uint8).flatten(-2)
 
 
 def _affine(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> Codes:
@@ -70,11 +85,18 @@ class MinMaxQuantizer:
     """Round-to-nearest on a min-max grid: keys per block and channel, values per token and 16-channel group."""
 
     name = "minmax"
+    KEY_BITS, VALUE_BITS = (4, 5, 6, 8), (2, 3, 4)
 
     def __init__(self, k_bits: int = 8, v_bits: int = 4):
-        if k_bits not in (4, 8) or v_bits not in (2, 4):
-            raise ValueError("MinMaxQuantizer: k_bits must be 8 or 4, v_bits 4 or 2")
+        _check_bits(self, k_bits, v_bits)
         self.k_bits, self.v_bits = k_bits, v_bits
+        self.triton = k_bits in (4, 8) and v_bits in (2, 4)
+
+    def key_meta(self, block_size: int, dim: int):
+        return (dim,), (dim,)
+
+    def value_meta(self, dim: int) -> tuple[int, int]:
+        return dim // VALUE_GROUP, dim // VALUE_GROUP
 
     def quantize_keys(self, k: torch.Tensor) -> Codes:
         k = k.float()  # [N, Hkv, bs, D]: one scale and zero per (block, head, channel)
@@ -96,6 +118,14 @@ class MinMaxQuantizer:
         hi = zero + ((1 << self.k_bits) - 1) * scale
         return step, torch.maximum(zero.abs(), hi.abs()).mul_(1 + 2**-20)
 
+    def key_step(self, c: Codes, dim: int) -> torch.Tensor:
+        return self.key_grid(c.scale, c.zero)[0]
+
+    def key_contractions(self, q_abs, scale, zero) -> torch.Tensor:
+        """q_abs [Bd, Hkv, G, D], scale and zero [Bd, nb, Hkv, D] -> [Bd, Hkv, G, nb, 2]: sum_c |q_c| scale_bc and
+        sum_c |q_c| |zero_bc| (what the Triton kernel accumulates per block)."""
+        return torch.einsum("bhgd,bnhcd->bhgnc", q_abs, torch.stack([scale, zero.abs()], dim=3).float())
+
     def key_dots(self, scale_dot, zero_dot, q_abs_sum) -> tuple[torch.Tensor, torch.Tensor]:
         """sum_c |q_c| step_c and an upper bound of sum_c |q_c| |k^_jc|, from sum_c |q_c| scale_c, sum_c |q_c| |zero_c|
         and sum_c |q_c| (key_grid is linear in scale and |zero|; |k^_jc| <= |zero_c| + levels scale_c)."""
@@ -114,12 +144,15 @@ class MinMaxQuantizer:
         grouped = codes.view(*codes.shape[:-1], codes.shape[-1] // VALUE_GROUP, VALUE_GROUP)
         return grouped.mul_(c.scale.unsqueeze(-1)).add_(c.zero.unsqueeze(-1)).flatten(-2)
 
-    def bytes_per_token(self, head_dim: int, block_size: int) -> float:
-        """Tier-1 bytes per token per KV head: codes plus metadata (keys' per-block metadata spread over the block)."""
-        meta = META_DTYPE.itemsize * 2
-        keys = head_dim * self.k_bits / 8 + head_dim * meta / block_size
-        values = head_dim * self.v_bits / 8 + head_dim / VALUE_GROUP * meta
-        return keys + values
+    def key_bytes(self, dim: int, block_size: int) -> float:
+        """Tier-1 bytes per token per KV head for keys: codes plus per-block metadata spread over the block."""
+        return dim * self.k_bits / 8 + dim * META_DTYPE.itemsize * 2 / block_size
+
+    def value_bytes(self, dim: int) -> float:
+        return dim * self.v_bits / 8 + dim / VALUE_GROUP * META_DTYPE.itemsize * 2
+
+    def bytes_per_token(self, dim: int, block_size: int) -> float:
+        return self.key_bytes(dim, block_size) + self.value_bytes(dim)
 
 
 def round_up(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -152,7 +185,183 @@ def token_norms(x: torch.Tensor) -> torch.Tensor:
     return round_up(x.float().norm(dim=-1), META_DTYPE)
 
 
+def _check_bits(quantizer, k_bits: int, v_bits: int) -> None:
+    if k_bits not in quantizer.KEY_BITS or v_bits not in quantizer.VALUE_BITS:
+        raise ValueError(f"quantizer {quantizer.name}: k_bits must be one of {quantizer.KEY_BITS}, "
+                         f"v_bits one of {quantizer.VALUE_BITS}")
+
+
+ROTATION_SEED = 0x5EED
+
+
+@functools.cache
+def rotation(dim: int) -> torch.Tensor:
+    """R = H diag(s) / sqrt(D) [D, D] float32 (CPU): the Walsh-Hadamard matrix with fixed random signs, orthonormal.
+    Rotated coordinates of a vector x are x @ R.T; x = x_rotated @ R. D must be a power of two."""
+    if dim < 2 or dim & (dim - 1):
+        raise ValueError(f"hadamard quantizer: head_dim {dim} is not a power of two")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < dim:
+        h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)])
+    signs = torch.randint(0, 2, (dim,), generator=torch.Generator().manual_seed(ROTATION_SEED)) * 2 - 1
+    return (h * signs / math.sqrt(dim)).float()
+
+
+@functools.cache
+def lloyd_max(bits: int) -> torch.Tensor:
+    """The 2**bits levels (ascending, float32) minimising the mean squared error of N(0, 1): Lloyd's iteration on the
+    density itself (centroid of [a, b] = (phi(a) - phi(b)) / (Phi(b) - Phi(a))), deterministic, computed once."""
+    n = 1 << bits
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    levels = normal.icdf((torch.arange(n, dtype=torch.float64) + 0.5) / n)
+    inf = torch.tensor([math.inf], dtype=torch.float64)
+    for _ in range(2000):
+        edges = torch.cat([-inf, (levels[1:] + levels[:-1]) / 2, inf])
+        density = torch.exp(-edges.clamp(-40, 40) ** 2 / 2) / math.sqrt(2 * math.pi)
+        new = (density[:-1] - density[1:]) / (normal.cdf(edges[1:]) - normal.cdf(edges[:-1]))
+        if torch.allclose(new, levels, rtol=0, atol=1e-12):
+            break
+        levels = new
+    return levels.float()
+
+
+class HadamardQuantizer:
+    """TurboQuant-style: each token's key or value is rotated (rotation above), so that its coordinates are close to
+    N(0, ||x||^2 / D) whatever its outlier channels, and each coordinate is coded with the Lloyd-Max levels of
+    N(0, 1) scaled by sigma = ||x|| / sqrt(D); the one stored number per token is the least-squares scale of the
+    chosen levels (float16). Dequantization rotates back: x^ = (scale * levels[codes]) @ R. Metadata: 2 bytes per
+    token, where min-max groups of 16 spend 4 per group.
+
+    For the certificate, keys have no per-channel grid in the original basis: Delta's channel form uses the unit
+    step (kappa_b = max |e_jc|, so |q . e_j| <= kappa_b ||q||_1, Hoelder), and |k^_jc| <= ||k^_j|| <=
+    |scale_j| max|level| sqrt(D) bounds the score magnitudes."""
+
+    name = "hadamard"
+    KEY_BITS, VALUE_BITS = (4, 5, 6, 8), (2, 3, 4)
+    triton = False
+
+    def __init__(self, k_bits: int = 8, v_bits: int = 4):
+        _check_bits(self, k_bits, v_bits)
+        self.k_bits, self.v_bits = k_bits, v_bits
+
+    def key_meta(self, block_size: int, dim: int):
+        return (block_size, 1), (block_size, 0)
+
+    def value_meta(self, dim: int) -> tuple[int, int]:
+        return 1, 0
+
+    @staticmethod
+    def _encode(x: torch.Tensor, bits: int) -> Codes:
+        levels = lloyd_max(bits).to(x.device)
+        rotated = x.float() @ rotation(x.shape[-1]).to(x.device).T
+        sigma = (rotated.norm(dim=-1, keepdim=True) / math.sqrt(x.shape[-1])).clamp_min(torch.finfo(torch.float32).tiny)
+        codes = torch.bucketize(rotated / sigma, (levels[1:] + levels[:-1]) / 2)
+        chosen = levels[codes]
+        scale = (rotated * chosen).sum(dim=-1, keepdim=True) / (chosen * chosen).sum(dim=-1, keepdim=True)
+        scale = scale.to(META_DTYPE)
+        return Codes(pack(codes.to(torch.uint8), bits), scale, scale.new_zeros(*scale.shape[:-1], 0))
+
+    @staticmethod
+    def _decode(c: Codes, bits: int) -> torch.Tensor:
+        levels = lloyd_max(bits).to(c.codes.device)
+        rotated = levels[unpack(c.codes, bits).long()] * c.scale.float()
+        return rotated @ rotation(rotated.shape[-1]).to(rotated.device)
+
+    def quantize_keys(self, k: torch.Tensor) -> Codes:
+        return self._encode(k, self.k_bits)
+
+    def dequantize_keys(self, c: Codes) -> torch.Tensor:
+        return self._decode(c, self.k_bits)
+
+    def quantize_values(self, v: torch.Tensor) -> Codes:
+        return self._encode(v, self.v_bits)
+
+    def dequantize_values(self, c: Codes) -> torch.Tensor:
+        return self._decode(c, self.v_bits)
+
+    def key_step(self, c: Codes, dim: int) -> torch.Tensor:
+        return torch.ones(*c.scale.shape[:2], dim, device=c.scale.device)
+
+    def key_contractions(self, q_abs, scale, zero) -> torch.Tensor:
+        """[Bd, Hkv, G, nb, 2]: ||q||_1 and sqrt(D) max|level| max_j |scale_j| (>= max_j ||k^_j||, with room for the
+        rounding of the rotation back)."""
+        dim, nb = q_abs.shape[-1], scale.shape[1]
+        largest = scale.float().abs().amax(dim=(-2, -1)).transpose(1, 2)  # [Bd, Hkv, nb]
+        largest = largest * (float(lloyd_max(self.k_bits).abs().max()) * math.sqrt(dim) * (1 + 2**-10))
+        l1 = q_abs.sum(dim=-1, keepdim=True).expand(*q_abs.shape[:-1], nb)
+        return torch.stack([l1, largest[:, :, None].expand_as(l1)], dim=-1)
+
+    def key_dots(self, l1, largest, q_abs_sum) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum_c |q_c| step_c with the unit step, a bound of sum_c |q_c| |k^_jc| <= ||q||_1 max_c |k^_jc|)."""
+        return l1 * (1 + 2**-20), l1 * largest * (1 + 2**-20)
+
+    def key_bytes(self, dim: int, block_size: int) -> float:
+        return dim * self.k_bits / 8 + META_DTYPE.itemsize
+
+    def value_bytes(self, dim: int) -> float:
+        return dim * self.v_bits / 8 + META_DTYPE.itemsize
+
+    def bytes_per_token(self, dim: int, block_size: int) -> float:
+        return self.key_bytes(dim, block_size) + self.value_bytes(dim)
+
+
+class PairedQuantizer:
+    """Keys coded by one quantizer, values by another (`--quantizer KEYS/VALUES`, e.g. minmax/hadamard)."""
+
+    def __init__(self, keys: Quantizer, values: Quantizer):
+        self.keys, self.values = keys, values
+        self.name = f"{keys.name}/{values.name}"
+        self.k_bits, self.v_bits = keys.k_bits, values.v_bits
+        self.triton = False
+
+    def key_meta(self, block_size: int, dim: int):
+        return self.keys.key_meta(block_size, dim)
+
+    def value_meta(self, dim: int) -> tuple[int, int]:
+        return self.values.value_meta(dim)
+
+    def quantize_keys(self, k):
+        return self.keys.quantize_keys(k)
+
+    def dequantize_keys(self, c):
+        return self.keys.dequantize_keys(c)
+
+    def quantize_values(self, v):
+        return self.values.quantize_values(v)
+
+    def dequantize_values(self, c):
+        return self.values.dequantize_values(c)
+
+    def key_step(self, c, dim):
+        return self.keys.key_step(c, dim)
+
+    def key_contractions(self, q_abs, scale, zero):
+        return self.keys.key_contractions(q_abs, scale, zero)
+
+    def key_dots(self, first, second, q_abs_sum):
+        return self.keys.key_dots(first, second, q_abs_sum)
+
+    def key_bytes(self, dim: int, block_size: int) -> float:
+        return self.keys.key_bytes(dim, block_size)
+
+    def value_bytes(self, dim: int) -> float:
+        return self.values.value_bytes(dim)
+
+    def bytes_per_token(self, dim: int, block_size: int) -> float:
+        return self.key_bytes(dim, block_size) + self.value_bytes(dim)
+
+
+QUANTIZERS = {"minmax": MinMaxQuantizer, "hadamard": HadamardQuantizer}
+
+
 def make_quantizer(name: str, k_bits: int, v_bits: int) -> Quantizer:
-    if name == "minmax":
-        return MinMaxQuantizer(k_bits, v_bits)
-    raise ValueError(f"unknown quantizer {name!r} (available: minmax)")
+    """`NAME` for keys and values, or `KEYS/VALUES` (each of QUANTIZERS); ValueError for unknown names or bits."""
+    names = name.split("/")
+    if len(names) > 2 or any(n not in QUANTIZERS for n in names):
+        raise ValueError(f"unknown quantizer {name!r} (available: {', '.join(QUANTIZERS)}, or KEYS/VALUES of them)")
+    if len(names) == 1:
+        return QUANTIZERS[name](k_bits, v_bits)
+    keys, values = (QUANTIZERS[n] for n in names)
+    _check_bits(keys, k_bits, keys.VALUE_BITS[0])
+    _check_bits(values, values.KEY_BITS[0], v_bits)
+    return PairedQuantizer(keys(k_bits, keys.VALUE_BITS[0]), values(values.KEY_BITS[0], v_bits))

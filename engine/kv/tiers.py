@@ -118,10 +118,11 @@ class TieredKVCache:
         def zeros(*shape, dtype=torch.float16):
             return torch.zeros(shape, dtype=dtype, device=dev)
 
+        (k_scale, k_zero), (v_scale, v_zero) = q.key_meta(bs, d), q.value_meta(d)
         return QuantizedLayer(
-            k_codes=zeros(nb, h, bs, d * q.k_bits // 8, dtype=torch.uint8), k_scale=zeros(nb, h, d),
-            k_zero=zeros(nb, h, d), v_codes=zeros(nb, h, bs, d * q.v_bits // 8, dtype=torch.uint8),
-            v_scale=zeros(nb, h, bs, d // 16), v_zero=zeros(nb, h, bs, d // 16),
+            k_codes=zeros(nb, h, bs, d * q.k_bits // 8, dtype=torch.uint8), k_scale=zeros(nb, h, *k_scale),
+            k_zero=zeros(nb, h, *k_zero), v_codes=zeros(nb, h, bs, d * q.v_bits // 8, dtype=torch.uint8),
+            v_scale=zeros(nb, h, bs, v_scale), v_zero=zeros(nb, h, bs, v_zero),
             block_notes=zeros(nb, h, 2, dtype=torch.float32), token_notes=zeros(nb, h, bs, 2), slots=scratch.slots,
             tail_k=zeros(max_seqs, bs, h, d, dtype=self.dtype), tail_v=zeros(max_seqs, bs, h, d, dtype=self.dtype),
             scratch_k=scratch.data["k"], scratch_v=scratch.data["v"])
