@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.kv.quantizers import (HadamardQuantizer, MinMaxQuantizer, PairedQuantizer, error_norms, lloyd_max,
-                                  make_quantizer, pack, rotation, unpack)
+                                  make_quantizer, pack, rotation, scale_up_fp8, unpack)
 from engine.kv.tiers import TieredKVCache
 from kernels.reference import quantize_blocks
 
@@ -128,7 +128,7 @@ def test_hadamard_error_follows_the_codebook(bits):
     assert 0.6 * mse.sqrt() < relative.median() < 1.25 * mse.sqrt(), (relative.median(), mse.sqrt())
 
 
-@pytest.mark.parametrize("name", ["hadamard", "minmax/hadamard", "hadamard/minmax"])
+@pytest.mark.parametrize("name", ["hadamard", "minmax/hadamard", "hadamard/minmax", "minmax-fp8", "minmax-fp8/hadamard"])
 def test_annotations_bound_the_errors_of_every_quantizer(name):
     torch.manual_seed(3)
     quant = make_quantizer(name, 5, 2)
@@ -167,3 +167,16 @@ def test_k4_v2_sized_caches_within_the_byte_budget():
     assert share("minmax/hadamard", 4, 2) <= 0.30 < share("minmax", 4, 2) < 0.34
     assert share("minmax/hadamard", 5, 2) < share("minmax", 4, 2)
     assert share("hadamard", 6, 2) <= 0.30
+    assert share("minmax-fp8/hadamard", 5, 2) <= 0.30  # float8 key scales pay for the fifth key bit
+    assert share("minmax-fp8/hadamard", 6, 2) <= share("minmax", 4, 2) == share("minmax-fp8", 5, 2)
+
+
+def test_fp8_scales_round_up_to_the_next_representable():
+    s = torch.cat([torch.rand(50_000) * 20, torch.rand(50_000) * 0.03, torch.exp2(torch.arange(-9.0, 8.0)),
+                   torch.exp2(torch.arange(-9.0, 8.0)) * (1 + 2**-20), torch.zeros(1)])
+    up = scale_up_fp8(s)
+    assert up.dtype == torch.float8_e4m3fn and (up.float() >= s).all()
+    normal = s >= 2**-6
+    assert (up.float()[normal] <= s[normal] * (1 + 2**-3)).all()  # one e4m3 spacing at most
+    assert (up.float() > 0).all()  # a constant channel still gets a positive step
+    assert (scale_up_fp8(torch.tensor([1e4])).float() == 384).all()  # saturates: codes clip, annotations measure it

@@ -85,7 +85,7 @@ def random_kv(gen, n, kind="random"):
 @given(seed=st.integers(0, 2**31), lengths=st.lists(st.sampled_from([1, 15, 16, 17, 40, 100]), min_size=1,
                                                       max_size=3),
        bits=st.sampled_from([(8, 4), (4, 4), (4, 2), (5, 3), (6, 2)]),
-       quantizer=st.sampled_from(["minmax", "hadamard", "minmax/hadamard"]),
+       quantizer=st.sampled_from(["minmax", "hadamard", "minmax/hadamard", "minmax-fp8", "minmax-fp8/hadamard"]),
        kind=st.sampled_from(["random", "outlier", "sink", "offset"]))
 def test_bound_holds_on_the_real_write_path(seed, lengths, bits, quantizer, kind):
     """Every quantizer: the certificate only reads annotations measured against its own dequantization."""
@@ -220,7 +220,7 @@ def test_tier1_bytes_per_token_meet_the_promise():
             assert TieredKVCache.tier1_bytes(quant, head_dim, 16) / fp16 <= limit, (bits, head_dim)
 
 
-@pytest.mark.parametrize("quantizer", ["minmax", "hadamard"])
+@pytest.mark.parametrize("quantizer", ["minmax", "hadamard", "minmax-fp8"])
 @pytest.mark.parametrize("mode", [KVMode.QUANTIZED, KVMode.CERTIFIED])
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 33])
 def test_twin_equals_brute_force(n, mode, quantizer):

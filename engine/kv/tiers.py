@@ -120,9 +120,10 @@ class TieredKVCache:
 
         (k_scale, k_zero), (v_scale, v_zero) = q.key_meta(bs, d), q.value_meta(d)
         return QuantizedLayer(
-            k_codes=zeros(nb, h, bs, d * q.k_bits // 8, dtype=torch.uint8), k_scale=zeros(nb, h, *k_scale),
-            k_zero=zeros(nb, h, *k_zero), v_codes=zeros(nb, h, bs, d * q.v_bits // 8, dtype=torch.uint8),
-            v_scale=zeros(nb, h, bs, v_scale), v_zero=zeros(nb, h, bs, v_zero),
+            k_codes=zeros(nb, h, bs, d * q.k_bits // 8, dtype=torch.uint8),
+            k_scale=zeros(nb, h, *k_scale, dtype=q.key_scale_dtype), k_zero=zeros(nb, h, *k_zero),
+            v_codes=zeros(nb, h, bs, d * q.v_bits // 8, dtype=torch.uint8),
+            v_scale=zeros(nb, h, bs, v_scale, dtype=q.value_scale_dtype), v_zero=zeros(nb, h, bs, v_zero),
             block_notes=zeros(nb, h, 2, dtype=torch.float32), token_notes=zeros(nb, h, bs, 2), slots=scratch.slots,
             tail_k=zeros(max_seqs, bs, h, d, dtype=self.dtype), tail_v=zeros(max_seqs, bs, h, d, dtype=self.dtype),
             scratch_k=scratch.data["k"], scratch_v=scratch.data["v"])
