@@ -11,7 +11,7 @@ E_val = sum_j p^_j eta_j with eta_j >= ||v_j - v^_j|| measured per token at writ
 E_key bounds ||sum (p^_j - p_j) v_j||. Key errors move each score by delta_j = tau q.(k^_j - k_j), |delta_j| <= Delta_b in
 block b of T, 0 on P, with Delta_b = tau min(||q|| eps_b, kappa_b sum_c |q_c| s_bc) (eps_b: the block's largest key
 error norm; kappa_b: its largest per-channel error in units of the channel's scale s_bc). Delta_T = max over T. Since
-sum p^ = sum p = 1, any centre c can be subtracted from the values, and E_key is the smaller of two bounds:
+sum p^ = sum p = 1, any centre c can be subtracted from the values, and E_key is the smallest of three bounds:
   (a) TV(p, p^) * 2 R with R = max_j ||v_j - c|| over EVERY token for the sequence's centre c, TV <=
       min(tanh(Delta_T / 2), alpha^_T (e^Delta_T - 1)) (alpha^_T: the computed mass of T);
   (c) per token, p_j / p^_j = e^-delta_j * Z^/Z and Z/Z^ = sum p^_j e^-delta_j lies in [m_lo, m_hi] =
@@ -20,7 +20,9 @@ sum p^ = sum p = 1, any centre c can be subtracted from the values, and E_key is
       ||.|| <= u_T W_T + u_P W_P <= u_T min(W_T', W') + u_P W', where W_X = sum_(j in X) p^_j ||v_j - O|| and, from
       ||v_j - O|| <= ||v^_j - O|| + eta_j and stored norms n_j >= ||v^_j||:
         W' = sqrt(sum p^_j n_j^2 - ||O||^2) + E_val   (Jensen, since sum p^_j v^_j = O)
-        W_T' = sum_(j in T) p^_j (n_j + ||O|| + eta_j)   (triangle inequality).
+        W_T' = sum_(j in T) p^_j (n_j + ||O|| + eta_j)   (triangle inequality);
+  (b) form (c) per block: each block of T with its own Delta_b and mass rho_b in m_lo, m_hi and u_b
+      (blockwise_key_error), so that a light block with a large key error does not set the bound for the whole tail.
 E_fp = floating-point slack of the kernel and of this arithmetic (fp_slack below). KL(p || p^) <= Delta_T^2 / 2.
 
 Accepted ("certified") when E_val + E_key + E_fp <= tolerance * max(||O|| - bound, floor) with floor = FLOOR_FRACTION
