@@ -21,6 +21,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
+from engine.kv.quantizers import KEY_BITS, VALUE_BITS
 from engine.kv.stats import RUNGS, CertificateStats
 from engine.request import KVMode, KVPolicy, SamplingParams, StoppingParams
 
@@ -98,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=2048, help="tokens of the text used (whole windows)")
     p.add_argument("--kv-mode", default="audit", choices=["quantized", "certified", "exact", "audit"])
     p.add_argument("--tolerance", type=float, default=None)
-    p.add_argument("--k-bits", type=int, default=8, choices=(4, 5, 6, 8))
-    p.add_argument("--v-bits", type=int, default=4, choices=(2, 3, 4))
+    p.add_argument("--k-bits", type=int, default=8, choices=KEY_BITS)
+    p.add_argument("--v-bits", type=int, default=4, choices=VALUE_BITS)
     p.add_argument("--quantizer", default="minmax")
     p.add_argument("--scratch-blocks", type=int, default=32,
                    help="scratch pieces per layer; keep it small against the windows, or everything stays exact")

@@ -80,11 +80,11 @@ class QuantizedLayer:
     fetches each kind."""
 
     k_codes: torch.Tensor  # [NB, Hkv, bs, D * k_bits / 8] uint8
-    k_scale: torch.Tensor  # [NB, Hkv, D] float16 (per block and channel)
-    k_zero: torch.Tensor  # [NB, Hkv, D] float16
+    k_scale: torch.Tensor  # [NB, Hkv, *key_meta] (min-max: [NB, Hkv, D], per block and channel)
+    k_zero: torch.Tensor  # [NB, Hkv, *key_meta] float16
     v_codes: torch.Tensor  # [NB, Hkv, bs, D * v_bits / 8] uint8
-    v_scale: torch.Tensor  # [NB, Hkv, bs, D / 16] float16 (per token and 16-channel group)
-    v_zero: torch.Tensor  # [NB, Hkv, bs, D / 16] float16
+    v_scale: torch.Tensor  # [NB, Hkv, bs, value_meta] (min-max: D / 16, per token and 16-channel group)
+    v_zero: torch.Tensor  # [NB, Hkv, bs, value_meta] float16
     block_notes: torch.Tensor  # [NB, Hkv, 2] float32: eps_b = max_j ||k_j - k^_j|| (inf: broken), kappa_b
     token_notes: torch.Tensor  # [NB, Hkv, bs, 2] float16, rounded up: eta_j = ||v_j - v^_j||, ||v^_j||
     slots: torch.Tensor  # [NB, Hkv, 2] int32: scratch slots of the block's exact keys and values, -1 if none

@@ -1,7 +1,7 @@
 """Quality and escalation sweep of the certified cache (prints JSON lines and a markdown table).
 
-For each quantizer and bit setting (`QUANTIZER:K/V`), one engine evaluates (engine.evaluate) the quantized baseline and audit mode at each
-tolerance on the same windows of the corpus: perplexity and KL against dense, rung-0 rate, audit violations,
+For each quantizer and bit setting (`QUANTIZER:K/V`), one engine evaluates (engine.evaluate) the quantized baseline
+and audit mode at each tolerance on the same windows of the corpus: perplexity and KL against dense, rung-0 rate, audit violations,
 bound tightness and bytes per token. Audit mode returns exactly what certified mode returns, plus the checks.
 """
 

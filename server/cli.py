@@ -11,6 +11,7 @@ import sys
 import uvloop
 
 from engine.config import DEFAULT_TOLERANCE, DEVICES, DTYPES, KV_MODES, EngineConfig, parse_bytes
+from engine.kv.quantizers import KEY_BITS, VALUE_BITS
 from server.config import ServerConfig
 from server.security import SecurityConfig, read_api_keys
 from server.telemetry import EXPORTERS, TelemetryConfig
@@ -67,8 +68,8 @@ def _kv(p: argparse.ArgumentParser) -> None:
                     help="dense: plain paged cache; others: the tiered cache, and the mode of requests that set none")
     kv.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                     help="relative error certified by default (requests may set their own)")
-    kv.add_argument("--k-bits", type=int, choices=(4, 5, 6, 8), default=8)
-    kv.add_argument("--v-bits", type=int, choices=(2, 3, 4), default=4)
+    kv.add_argument("--k-bits", type=int, choices=KEY_BITS, default=8)
+    kv.add_argument("--v-bits", type=int, choices=VALUE_BITS, default=4)
     kv.add_argument("--quantizer", default="minmax",
                     help="tier-1 codes: minmax, hadamard, or KEYS/VALUES such as minmax/hadamard (engine/kv/quantizers.py)")
     kv.add_argument("--scratch-blocks", type=int, default=512,

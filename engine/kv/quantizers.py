@@ -18,6 +18,7 @@ import torch
 
 META_DTYPE = torch.float16
 VALUE_GROUP = 16
+KEY_BITS, VALUE_BITS = (4, 5, 6, 8), (2, 3, 4)  # what every quantizer here accepts
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +51,11 @@ class Quantizer(Protocol):
     def key_dots(self, first, second, q_abs_sum) -> tuple[torch.Tensor, torch.Tensor]: ...
     def key_bytes(self, dim: int, block_size: int) -> float: ...
     def value_bytes(self, dim: int) -> float: ...
-    def bytes_per_token(self, dim: int, block_size: int) -> float: ...
+
+
+def bytes_per_token(quantizer: Quantizer, dim: int, block_size: int) -> float:
+    """Tier-1 code and metadata bytes per token per KV head (annotations: TieredKVCache.tier1_bytes)."""
+    return quantizer.key_bytes(dim, block_size) + quantizer.value_bytes(dim)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -104,14 +109,12 @@ class MinMaxQuantizer:
     """Round-to-nearest on a min-max grid: keys per block and channel, values per token and 16-channel group."""
 
     name = "minmax"
-    KEY_BITS, VALUE_BITS = (4, 5, 6, 8), (2, 3, 4)
-    scale_dtype = META_DTYPE
+    key_scale_dtype = value_scale_dtype = META_DTYPE
 
     def __init__(self, k_bits: int = 8, v_bits: int = 4):
-        _check_bits(self, k_bits, v_bits)
+        _check_bits(self.name, k_bits, v_bits)
         self.k_bits, self.v_bits = k_bits, v_bits
-        self.key_scale_dtype = self.value_scale_dtype = self.scale_dtype
-        self.triton = k_bits in (4, 8) and v_bits in (2, 4) and self.scale_dtype == META_DTYPE
+        self.triton = k_bits in (4, 8) and v_bits in (2, 4) and self.key_scale_dtype == META_DTYPE
 
     def key_meta(self, block_size: int, dim: int):
         return (dim,), (dim,)
@@ -121,7 +124,8 @@ class MinMaxQuantizer:
 
     def quantize_keys(self, k: torch.Tensor) -> Codes:
         k = k.float()  # [N, Hkv, bs, D]: one scale and zero per (block, head, channel)
-        c = _affine(k, k.amin(dim=2, keepdim=True), k.amax(dim=2, keepdim=True), self.k_bits, self.scale_dtype)
+        c = _affine(k, k.amin(dim=2, keepdim=True), k.amax(dim=2, keepdim=True), self.k_bits,
+                    self.key_scale_dtype)
         return Codes(c.codes, c.scale.squeeze(2), c.zero.squeeze(2))
 
     def dequantize_keys(self, c: Codes) -> torch.Tensor:
@@ -158,7 +162,7 @@ class MinMaxQuantizer:
         v = v.float()
         grouped = v.view(*v.shape[:-1], v.shape[-1] // VALUE_GROUP, VALUE_GROUP)  # [N, Hkv, bs, D / 16, 16]
         c = _affine(grouped, grouped.amin(dim=-1, keepdim=True), grouped.amax(dim=-1, keepdim=True), self.v_bits,
-                    self.scale_dtype)
+                    self.value_scale_dtype)
         return Codes(c.codes.flatten(-2), c.scale.squeeze(-1), c.zero.squeeze(-1))
 
     def dequantize_values(self, c: Codes) -> torch.Tensor:
@@ -168,13 +172,10 @@ class MinMaxQuantizer:
 
     def key_bytes(self, dim: int, block_size: int) -> float:
         """Tier-1 bytes per token per KV head for keys: codes plus per-block metadata spread over the block."""
-        return dim * self.k_bits / 8 + dim * (self.scale_dtype.itemsize + META_DTYPE.itemsize) / block_size
+        return dim * self.k_bits / 8 + dim * (self.key_scale_dtype.itemsize + META_DTYPE.itemsize) / block_size
 
     def value_bytes(self, dim: int) -> float:
-        return dim * self.v_bits / 8 + dim / VALUE_GROUP * (self.scale_dtype.itemsize + META_DTYPE.itemsize)
-
-    def bytes_per_token(self, dim: int, block_size: int) -> float:
-        return self.key_bytes(dim, block_size) + self.value_bytes(dim)
+        return dim * self.v_bits / 8 + dim / VALUE_GROUP * (self.value_scale_dtype.itemsize + META_DTYPE.itemsize)
 
 
 class CompactMinMaxQuantizer(MinMaxQuantizer):
@@ -184,7 +185,7 @@ class CompactMinMaxQuantizer(MinMaxQuantizer):
     rounded scales, as always."""
 
     name = "minmax-fp8"
-    scale_dtype = torch.float8_e4m3fn
+    key_scale_dtype = value_scale_dtype = torch.float8_e4m3fn
 
 
 def round_up(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -217,31 +218,30 @@ def token_norms(x: torch.Tensor) -> torch.Tensor:
     return round_up(x.float().norm(dim=-1), META_DTYPE)
 
 
-def _check_bits(quantizer, k_bits: int, v_bits: int) -> None:
-    if k_bits not in quantizer.KEY_BITS or v_bits not in quantizer.VALUE_BITS:
-        raise ValueError(f"quantizer {quantizer.name}: k_bits must be one of {quantizer.KEY_BITS}, "
-                         f"v_bits one of {quantizer.VALUE_BITS}")
+def _check_bits(name: str, k_bits: int, v_bits: int) -> None:
+    if k_bits not in KEY_BITS or v_bits not in VALUE_BITS:
+        raise ValueError(f"quantizer {name}: k_bits must be one of {KEY_BITS}, v_bits one of {VALUE_BITS}")
 
 
 ROTATION_SEED = 0x5EED
 
 
 @functools.cache
-def rotation(dim: int) -> torch.Tensor:
-    """R = H diag(s) / sqrt(D) [D, D] float32 (CPU): the Walsh-Hadamard matrix with fixed random signs, orthonormal.
-    Rotated coordinates of a vector x are x @ R.T; x = x_rotated @ R. D must be a power of two."""
+def rotation(dim: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """R = H diag(s) / sqrt(D) [D, D] float32 on `device` (built once per device): the Walsh-Hadamard matrix with
+    fixed random signs, orthonormal. Rotated coordinates of x are x @ R.T; x = x_rotated @ R. D a power of two."""
     if dim < 2 or dim & (dim - 1):
         raise ValueError(f"hadamard quantizer: head_dim {dim} is not a power of two")
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < dim:
         h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)])
     signs = torch.randint(0, 2, (dim,), generator=torch.Generator().manual_seed(ROTATION_SEED)) * 2 - 1
-    return (h * signs / math.sqrt(dim)).float()
+    return (h * signs / math.sqrt(dim)).float().to(device)
 
 
 @functools.cache
-def lloyd_max(bits: int) -> torch.Tensor:
-    """The 2**bits levels (ascending, float32) minimising the mean squared error of N(0, 1): Lloyd's iteration on the
+def lloyd_max(bits: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """The 2**bits levels (ascending, float32, on `device`) minimising the mean squared error of N(0, 1): Lloyd's iteration on the
     density itself (centroid of [a, b] = (phi(a) - phi(b)) / (Phi(b) - Phi(a))), deterministic, computed once."""
     n = 1 << bits
     normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
@@ -254,7 +254,7 @@ def lloyd_max(bits: int) -> torch.Tensor:
         if torch.allclose(new, levels, rtol=0, atol=1e-12):
             break
         levels = new
-    return levels.float()
+    return levels.float().to(device)
 
 
 class HadamardQuantizer:
@@ -269,13 +269,13 @@ class HadamardQuantizer:
     |scale_j| max|level| sqrt(D) bounds the score magnitudes."""
 
     name = "hadamard"
-    KEY_BITS, VALUE_BITS = (4, 5, 6, 8), (2, 3, 4)
     triton = False
+    key_scale_dtype = value_scale_dtype = META_DTYPE
 
     def __init__(self, k_bits: int = 8, v_bits: int = 4):
-        _check_bits(self, k_bits, v_bits)
+        _check_bits(self.name, k_bits, v_bits)
         self.k_bits, self.v_bits = k_bits, v_bits
-        self.key_scale_dtype = self.value_scale_dtype = META_DTYPE
+        self._key_peak = float(lloyd_max(k_bits).abs().max())  # the largest |level|
 
     def key_meta(self, block_size: int, dim: int):
         return (block_size, 1), (block_size, 0)
@@ -285,8 +285,8 @@ class HadamardQuantizer:
 
     @staticmethod
     def _encode(x: torch.Tensor, bits: int) -> Codes:
-        levels = lloyd_max(bits).to(x.device)
-        rotated = x.float() @ rotation(x.shape[-1]).to(x.device).T
+        levels = lloyd_max(bits, x.device)
+        rotated = x.float() @ rotation(x.shape[-1], x.device).T
         sigma = (rotated.norm(dim=-1, keepdim=True) / math.sqrt(x.shape[-1])).clamp_min(torch.finfo(torch.float32).tiny)
         codes = torch.bucketize(rotated / sigma, (levels[1:] + levels[:-1]) / 2)
         chosen = levels[codes]
@@ -296,9 +296,9 @@ class HadamardQuantizer:
 
     @staticmethod
     def _decode(c: Codes, bits: int) -> torch.Tensor:
-        levels = lloyd_max(bits).to(c.codes.device)
+        levels = lloyd_max(bits, c.codes.device)
         rotated = levels[unpack(c.codes, bits).long()] * c.scale.float()
-        return rotated @ rotation(rotated.shape[-1]).to(rotated.device)
+        return rotated @ rotation(rotated.shape[-1], rotated.device)
 
     def quantize_keys(self, k: torch.Tensor) -> Codes:
         return self._encode(k, self.k_bits)
@@ -320,7 +320,7 @@ class HadamardQuantizer:
         rounding of the rotation back)."""
         dim, nb = q_abs.shape[-1], scale.shape[1]
         largest = scale.float().abs().amax(dim=(-2, -1)).transpose(1, 2)  # [Bd, Hkv, nb]
-        largest = largest * (float(lloyd_max(self.k_bits).abs().max()) * math.sqrt(dim) * (1 + 2**-10))
+        largest = largest * (self._key_peak * math.sqrt(dim) * (1 + 2**-10))
         l1 = q_abs.sum(dim=-1, keepdim=True).expand(*q_abs.shape[:-1], nb)
         return torch.stack([l1, largest[:, :, None].expand_as(l1)], dim=-1)
 
@@ -333,9 +333,6 @@ class HadamardQuantizer:
 
     def value_bytes(self, dim: int) -> float:
         return dim * self.v_bits / 8 + META_DTYPE.itemsize
-
-    def bytes_per_token(self, dim: int, block_size: int) -> float:
-        return self.key_bytes(dim, block_size) + self.value_bytes(dim)
 
 
 class PairedQuantizer:
@@ -381,9 +378,6 @@ class PairedQuantizer:
     def value_bytes(self, dim: int) -> float:
         return self.values.value_bytes(dim)
 
-    def bytes_per_token(self, dim: int, block_size: int) -> float:
-        return self.key_bytes(dim, block_size) + self.value_bytes(dim)
-
 
 QUANTIZERS = {"minmax": MinMaxQuantizer, "minmax-fp8": CompactMinMaxQuantizer, "hadamard": HadamardQuantizer}
 
@@ -395,7 +389,5 @@ def make_quantizer(name: str, k_bits: int, v_bits: int) -> Quantizer:
         raise ValueError(f"unknown quantizer {name!r} (available: {', '.join(QUANTIZERS)}, or KEYS/VALUES of them)")
     if len(names) == 1:
         return QUANTIZERS[name](k_bits, v_bits)
-    keys, values = (QUANTIZERS[n] for n in names)
-    _check_bits(keys, k_bits, keys.VALUE_BITS[0])
-    _check_bits(values, values.KEY_BITS[0], v_bits)
-    return PairedQuantizer(keys(k_bits, keys.VALUE_BITS[0]), values(values.KEY_BITS[0], v_bits))
+    keys, values = (QUANTIZERS[n] for n in names)  # each half built with the other half's default bits
+    return PairedQuantizer(keys(k_bits=k_bits), values(v_bits=v_bits))

@@ -22,7 +22,7 @@ from engine.batch import ForwardBatch
 from engine.faults import NO_FAULTS, FaultPlan, ShadowError
 from engine.kv.copy_engine import CopyEngine, Fetch
 from engine.kv.escalation import Ladder
-from engine.kv.quantizers import Quantizer
+from engine.kv.quantizers import Quantizer, bytes_per_token
 from engine.kv.scratch import Scratch
 from engine.kv.stats import RUNGS, CertificateStats, EscalationRecord
 from engine.request import KVMode
@@ -135,7 +135,7 @@ class TieredKVCache:
         tail buffers and scratch)."""
         per_token = 2 * 2  # eta and the value norm (float16)
         per_block = 2 * 4 + 2 * 4  # eps and kappa (float32), k_slot and v_slot (int32)
-        return quantizer.bytes_per_token(head_dim, block_size) + per_token + per_block / block_size
+        return bytes_per_token(quantizer, head_dim, block_size) + per_token + per_block / block_size
 
     def tier1_bytes_per_token(self) -> float:
         return self.tier1_bytes(self.quantizer, self.head_dim, self.block_size)
