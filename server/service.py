@@ -27,6 +27,7 @@ from server.security import MALFORMED
 from server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+DEADLINE_SLACK_S = 0.5  # a client cancel this close to the deadline is counted as the deadline
 
 
 class InferenceService(pb_grpc.InferenceServicer):
@@ -73,8 +74,10 @@ class InferenceService(pb_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged on the server)")
         finally:
             if admitted and not finished:  # the client went away (cancel, deadline, disconnect, server stop)
+                # The client's own timer fires first and its cancel can arrive just before the server's copy of
+                # the deadline (started when the headers arrived) runs out: a cancel that close is the deadline.
                 remaining = context.time_remaining()
-                reason = "deadline" if remaining is not None and remaining <= 0 else "cancelled"
+                reason = "deadline" if remaining is not None and remaining <= DEADLINE_SLACK_S else "cancelled"
                 metrics.aborts.labels(metrics.model_name, reason).inc()
                 span.set_attribute("aborted", reason)
 

@@ -102,10 +102,13 @@ async def test_cancel_mid_stream_frees_blocks(server):
 
 async def test_deadline_mid_stream_frees_blocks(server):
     before = aborts(server, "deadline")
+    received = []
     async with channel_to(server) as (stub, _):
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await collect(stub, greedy(PROMPT, 300), timeout=0.3)
+        with pytest.raises(grpc.aio.AioRpcError) as info:  # 500 steps take >= 5 s at step_delay 0.01
+            async for message in stub.Generate(greedy(PROMPT, 500), timeout=3.0):
+                received.append(message)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert received and not received[-1].finish_reason  # admitted and streaming when the deadline passed
     await wait_quiescent(server, timeout=1.0)
     assert aborts(server, "deadline") - before == 1
 
