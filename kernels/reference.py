@@ -17,9 +17,15 @@ from engine.kv.quantizers import Codes, channel_error_ratio, error_norms, token_
 
 def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, length: int | None = None) -> torch.Tensor:
     """cache [num_blocks, block_size, ...], block_table [..., nb] -> [..., nb * block_size, ...] (first `length`)."""
-    gathered = cache[block_table]
+    gathered = take(cache, block_table)
     gathered = gathered.flatten(block_table.dim() - 1, block_table.dim())
     return gathered if length is None else gathered[..., :length, :, :]
+
+
+def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] for an index of any shape along x's first dim (index_select: several times faster on CPU than
+    advanced indexing with a 2-D index)."""
+    return x.index_select(0, index.flatten()).view(*index.shape, *x.shape[1:])
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale):
@@ -195,36 +201,40 @@ def certified_decode(q, layer: QuantizedLayer, view: DecodeView, scale: float, q
 
 def used_slots(layer: QuantizedLayer, view: DecodeView) -> torch.Tensor:
     """[Bd, nb, Hkv, 2]: the scratch slots attention reads for keys and values of each block, -1: tier-1 codes."""
-    return torch.where(view.use_scratch[:, None, None, None], layer.slots[view.block_tables], -1)
+    return torch.where(view.use_scratch[:, None, None, None], take(layer.slots, view.block_tables), -1)
 
 
 def decode_accumulators(q, layer: QuantizedLayer, view: DecodeView, scale: float, quantizer) -> DecodeAccumulators:
-    """Dequantized keys/values per block, exact partial and promoted blocks, softmax in float32."""
+    """Dequantized keys/values per block, exact partial and promoted blocks, softmax in float32. Full blocks stay in
+    the gathered layout [Bd, nb, Hkv, bs, D]: one small matmul per block and head, no copy into one long sequence."""
     batch, heads, dim = q.shape
     kv_heads, bs = layer.tail_k.shape[2], layer.tail_k.shape[1]
     groups, tables, nb = heads // kv_heads, view.block_tables, view.block_tables.shape[1]
     slots = used_slots(layer, view)
-    k_scale, k_zero = layer.k_scale[tables], layer.k_zero[tables]
-    tail_k, tail_v = layer.tail_k[view.slots], layer.tail_v[view.slots]  # [Bd, bs, Hkv, D]
-    keys = _blocks(quantizer.dequantize_keys(Codes(layer.k_codes[tables], k_scale, k_zero)), layer.scratch_k,
-                   slots[..., 0], tail_k)  # [Bd, Hkv, L, D]
-    values = _blocks(quantizer.dequantize_values(Codes(layer.v_codes[tables], layer.v_scale[tables],
-                                                       layer.v_zero[tables])), layer.scratch_v, slots[..., 1], tail_v)
+    k_scale, k_zero = take(layer.k_scale, tables), take(layer.k_zero, tables)
+    keys = _promoted(quantizer.dequantize_keys(Codes(take(layer.k_codes, tables), k_scale, k_zero)), layer.scratch_k,
+                     slots[..., 0])
+    values = _promoted(quantizer.dequantize_values(Codes(take(layer.v_codes, tables), take(layer.v_scale, tables),
+                                                         take(layer.v_zero, tables))), layer.scratch_v, slots[..., 1])
+    tail_k, tail_v = (x[view.slots].transpose(1, 2).float().contiguous() for x in (layer.tail_k, layer.tail_v))  # [Bd, Hkv, bs, D]
     grouped = q.float().view(batch, kv_heads, groups, dim)
-    valid = view.valid[:, None, None]
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(scale).masked_fill_(~valid, -torch.inf)
-    out = torch.matmul(torch.softmax(scores, dim=-1), values)
-    blocks_of = (batch, kv_heads, groups, nb + 1, bs)
-    scores = scores.view(blocks_of)
+    valid = view.valid.view(batch, 1, 1, nb + 1, bs)
+    scores = torch.cat([torch.matmul(grouped[:, None], keys.transpose(-1, -2)).permute(0, 2, 3, 1, 4),
+                        torch.matmul(grouped, tail_k.transpose(-1, -2))[:, :, :, None]], dim=3)
+    scores = scores.mul_(scale).masked_fill_(~valid, -torch.inf)  # [Bd, Hkv, G, nb + 1, bs]
+    weights = torch.softmax(scores.flatten(-2), dim=-1).view(scores.shape)
+    out = torch.matmul(weights[:, :, :, nb], tail_v)
+    if nb:
+        out += torch.matmul(weights[:, :, :, :nb].permute(0, 3, 1, 2, 4), values).sum(dim=1)
     block_max = scores.amax(dim=-1)
-    e = torch.where(valid.view(batch, 1, 1, nb + 1, bs), torch.exp(scores - block_max[..., None]), 0.0)
-    eta, norm = _token_notes(layer.token_notes[tables], (view.full[:, :, None] & (slots[..., 1] < 0)).transpose(1, 2),
-                             tail_v, view).unbind(-1)  # [Bd, Hkv, nb + 1, bs]
-    terms = torch.stack([torch.ones_like(eta), eta, norm, norm * norm], dim=-1)
+    e = torch.where(valid, torch.exp(scores - block_max[..., None]), 0.0)
+    terms = _token_terms(take(layer.token_notes, tables), (view.full[:, :, None] & (slots[..., 1] < 0)).transpose(1, 2),
+                         tail_v, view)  # [Bd, Hkv, nb + 1, bs, 4]
     dots = quantizer.key_contractions(grouped.abs(), k_scale, k_zero)
     dots = torch.where(view.full[:, None, None, :, None], dots, 0.0)  # padding entries of the tables: nothing
-    return DecodeAccumulators(out=out, block_max=block_max, block_sums=torch.einsum("bhgkt,bhktc->bhgkc", e, terms),
-                              key_dots=dots, value_max=norm.amax(dim=-1))
+    sums = torch.matmul(e.transpose(2, 3), terms).transpose(2, 3)  # [Bd, Hkv, G, nb + 1, 4]
+    return DecodeAccumulators(out=out, block_max=block_max, block_sums=sums, key_dots=dots,
+                              value_max=terms[..., 2].amax(dim=-1))
 
 
 def finish_decode(acc: DecodeAccumulators, q, layer: QuantizedLayer, view: DecodeView, scale: float,
@@ -243,7 +253,7 @@ def finish_decode(acc: DecodeAccumulators, q, layer: QuantizedLayer, view: Decod
     slots = used_slots(layer, view)
     in_tail = (view.full[:, :, None] & (slots[..., 0] < 0)).transpose(1, 2)  # [Bd, Hkv, nb]: keys read quantized
     value_scale = acc.value_max.amax(dim=-1, keepdim=True)  # [Bd, Hkv, 1]
-    block_notes = layer.block_notes[view.block_tables].transpose(1, 2)  # [Bd, Hkv, nb, 2]
+    block_notes = take(layer.block_notes, view.block_tables).transpose(1, 2)  # [Bd, Hkv, nb, 2]
     block_delta, score_error = _key_terms(quantizer, q.float().view(batch, kv_heads, groups, dim), acc.key_dots,
                                           block_notes, in_tail, slots[..., 0] >= 0, layer.tail_k[view.slots], view,
                                           scale)
@@ -262,18 +272,22 @@ def finish_decode(acc: DecodeAccumulators, q, layer: QuantizedLayer, view: Decod
     )
 
 
-def _token_notes(stored, value_quant, tail_v, view):
-    """Per attended position [Bd, Hkv, nb + 1, bs, 2]: eta_j (0 where values are exact) and n_j >= the norm of the
-    value attention reads (||v^_j||, + eta_j for promoted blocks, the exact norm in the partial block); 0 on padding."""
+def _token_terms(stored, value_quant, tail_v, view):
+    """Per attended position [Bd, Hkv, nb + 1, bs, 4]: 1, eta_j (0 where values are exact), n_j >= the norm of the
+    value attention reads (||v^_j||, + eta_j for promoted blocks, the exact norm in the partial block) and n_j^2; all 0
+    on padding. stored [Bd, nb, Hkv, bs, 2] (eta_j, ||v^_j||), value_quant [Bd, Hkv, nb], tail_v [Bd, Hkv, bs, D]."""
     batch, nb, kv_heads, bs, _ = stored.shape
-    stored = stored.transpose(1, 2).float()  # [Bd, Hkv, nb, bs, 2]
-    eta = stored[..., 0]
-    notes = torch.empty(batch, kv_heads, nb + 1, bs, 2, device=stored.device)
-    notes[:, :, :nb, :, 0] = torch.where(value_quant[..., None], eta, 0.0)
-    notes[:, :, :nb, :, 1] = torch.where(value_quant[..., None], stored[..., 1], stored[..., 1] + eta)
-    notes[:, :, nb, :, 0] = 0.0
-    notes[:, :, nb, :, 1] = tail_v.float().norm(dim=-1).transpose(1, 2)
-    return torch.where(view.valid.view(batch, 1, nb + 1, bs, 1), notes, 0.0)
+    stored = stored.transpose(1, 2)
+    eta = torch.where(value_quant[..., None], stored[..., 0].float(), 0.0)
+    terms = torch.empty(batch, kv_heads, nb + 1, bs, 4, device=stored.device)
+    terms[..., 0] = view.valid.view(batch, 1, nb + 1, bs)
+    terms[:, :, :nb, :, 1] = eta
+    torch.add(stored[..., 1], stored[..., 0].float() - eta, out=terms[:, :, :nb, :, 2])  # + eta_j where exact
+    terms[:, :, nb, :, 1] = 0.0
+    terms[:, :, nb, :, 2] = tail_v.norm(dim=-1)
+    terms[..., 1:3] *= terms[..., :1]
+    terms[..., 3] = terms[..., 2] * terms[..., 2]
+    return terms
 
 
 def _key_terms(quantizer, grouped, key_dots, block_notes, in_tail, promoted, tail_k, view, scale):
@@ -296,14 +310,10 @@ def _key_terms(quantizer, grouped, key_dots, block_notes, in_tail, promoted, tai
     return block_delta, gamma(grouped.shape[-1] + 2) * scale * largest
 
 
-def _blocks(dequantized, scratch, slots, tail):
-    """Dequantized blocks [Bd, nb, Hkv, bs, D] with promoted ones replaced from the scratch, then the exact partial
-    block tail [Bd, bs, Hkv, D] -> [Bd, Hkv, (nb + 1) * bs, D] float32."""
+def _promoted(dequantized, scratch, slots):
+    """Dequantized blocks [Bd, nb, Hkv, bs, D] float32 with the promoted ones (slots [Bd, nb, Hkv] >= 0) replaced by
+    their exact copies from the scratch."""
     promoted = slots >= 0
     if bool(promoted.any()):
         dequantized[promoted] = scratch[slots[promoted]].float()
-    batch, nb, kv_heads, bs, dim = dequantized.shape
-    blocks = torch.empty(batch, kv_heads, nb + 1, bs, dim, device=dequantized.device)
-    blocks[:, :, :nb] = dequantized.transpose(1, 2)
-    blocks[:, :, nb] = tail.transpose(1, 2)
-    return blocks.view(batch, kv_heads, (nb + 1) * bs, dim)
+    return dequantized

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import random
@@ -41,13 +42,18 @@ def summarize(name: str, n: int, wall: float, ttfts: list[float], gaps: list[flo
     }
 
 
-def bench_engine(model: str, batch: list[list[int]], new: int, threads: int, kv_mode: str = "dense") -> dict:
+@functools.cache
+def _engine(model: str, threads: int, kv_mode: str):
     from engine.config import EngineConfig
     from engine.engine import LLMEngine
 
     engine = LLMEngine(EngineConfig(model=model, threads=threads, max_num_seqs=64, kv_mode=kv_mode))
     _run_engine(engine, prompts(2, 8, seed=1), 4)  # warm-up
-    return _run_engine(engine, batch, new, name=f"engine-{kv_mode}")
+    return engine
+
+
+def bench_engine(model: str, batch: list[list[int]], new: int, threads: int, kv_mode: str = "dense") -> dict:
+    return _run_engine(_engine(model, threads, kv_mode), batch, new, name=f"engine-{kv_mode}")
 
 
 def _run_engine(engine, batch, new, name="warmup"):
@@ -158,6 +164,26 @@ def _wait_serving(port: int, process: subprocess.Popen, timeout: float = 120) ->
     raise TimeoutError("server did not report SERVING")
 
 
+def medians(first: list[dict], args, model_dir: str) -> list[dict]:
+    """Runs every row's configuration args.repeat - 1 more times, round-robin (so that this VM's slow phases hit all
+    systems alike), and keeps each configuration's median run, with every run's tokens/s in `runs`."""
+    runs = {i: [row] for i, row in enumerate(first)}
+    for _ in range(args.repeat - 1):
+        for i, row in enumerate(first):
+            system, mode = row["system"].split("-", 1)
+            bench = {"engine": bench_engine, "grpc": bench_grpc, "hf": bench_hf}[system]
+            extra = {} if system == "hf" else {"kv_mode": mode}
+            again = bench(model_dir, prompts(row["concurrency"], args.prompt_tokens), args.new_tokens, args.threads,
+                          **extra)
+            print(json.dumps(again), flush=True)
+            runs[i].append(again)
+    out = []
+    for i, row_runs in runs.items():
+        ranked = sorted(row_runs, key=lambda r: r["tokens_per_s"])
+        out.append(ranked[len(ranked) // 2] | {"runs": [r["tokens_per_s"] for r in row_runs]})
+    return out
+
+
 def table(rows: list[dict]) -> str:
     head = "| system | concurrency | wall s | tok/s | TTFT p50 s | ITL p50 ms | ITL p99 ms |\n|---|---|---|---|---|---|---|"
     lines = [f"| {r['system']} | {r['concurrency']} | {r['wall_s']} | {r['tokens_per_s']} | {r['ttft_p50_s']} | "
@@ -175,6 +201,7 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", default=["engine", "grpc", "hf"], choices=["engine", "grpc", "hf"])
     parser.add_argument("--kv-modes", nargs="+", default=["dense", "certified"],
                         help="KV modes for the engine and grpc systems (hf always runs its own dense cache)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per configuration, round-robin; keeps the median")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     from engine.weights import resolve_model
@@ -190,8 +217,10 @@ def main() -> None:
                 row = bench(model_dir, batch, args.new_tokens, args.threads, **extra)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+    if args.repeat > 1:
+        rows = medians(rows, args, model_dir)
     meta = {"machine": f"{os.cpu_count()} CPU cores", "threads": args.threads, "prompt_tokens": args.prompt_tokens,
-            "new_tokens": args.new_tokens, "model": model_dir}
+            "new_tokens": args.new_tokens, "model": model_dir, "repeat": args.repeat}
     print(json.dumps({"meta": meta}))
     print(table(rows))
     if args.json:

@@ -25,7 +25,7 @@ from engine.kv import certificate as cert
 from engine.kv.stats import RATIO_BINS, EscalationRecord, ratio_bins
 from engine.request import KVMode
 from kernels import certified_decode, decode_attention
-from kernels.reference import DecodeResult
+from kernels.reference import DecodeResult, take
 
 if TYPE_CHECKING:
     from engine.kv.tiers import StepPlan, TieredKVCache
@@ -37,17 +37,28 @@ PREFETCH_MARGIN = 0.8  # accepted groups with bound / limit above this get their
 PREFETCH_BLOCKS = 3
 
 
-def check(result: DecodeResult, radius: torch.Tensor, tolerance: torch.Tensor):
+def check(result: DecodeResult, radius: torch.Tensor, tolerance: torch.Tensor, tightest: bool = True):
     """(bound, limit) per query head [Bd, Hkv, G]: certified where bound <= limit. radius [Bd, Hkv]; tolerance
-    broadcast to [Bd, 1, 1]. A non-finite output or bound becomes an infinite bound (a monitor: never accepted)."""
-    bound = terms_of(result, radius).total
+    broadcast to [Bd, 1, 1]. A non-finite output or bound becomes an infinite bound (a monitor: never accepted).
+    tightest=False tries the whole-tail forms first and adds the per-block form only if some head fails them (it
+    can only lower the bound): the same decisions for less work."""
+    limit = None
+    if not tightest:
+        bound, limit = _bound_and_limit(result, terms_of(result, radius, blockwise=False), tolerance)
+    if limit is None or not bool((bound <= limit).all()):
+        bound, limit = _bound_and_limit(result, terms_of(result, radius), tolerance)
+    return bound, limit
+
+
+def _bound_and_limit(result: DecodeResult, terms: cert.BoundTerms, tolerance: torch.Tensor):
+    bound = terms.total
     bound = torch.where(torch.isfinite(bound) & torch.isfinite(result.out).all(dim=-1), bound, torch.inf)
     return bound, cert.threshold(result.out.norm(dim=-1), bound, result.rms, tolerance)
 
 
-def terms_of(result: DecodeResult, radius: torch.Tensor) -> cert.BoundTerms:
+def terms_of(result: DecodeResult, radius: torch.Tensor, blockwise: bool = True) -> cert.BoundTerms:
     nb = result.block_delta.shape[-1]
-    blocks = (result.block_delta, result.rho[..., :nb], result.dev_contrib[..., :nb]) if nb else None
+    blocks = (result.block_delta, result.rho[..., :nb], result.dev_contrib[..., :nb]) if nb and blockwise else None
     return cert.bound_terms(result.e_val, result.delta_t, result.alpha_t, radius[..., None], result.w_all,
                             result.w_tail, result.score_error, result.value_scale, result.length, result.out.shape[-1],
                             blocks)
@@ -62,7 +73,7 @@ class Ladder:
         view = plan.view
         radius = self.cache.radius[layer][view.slots]  # [Bd, Hkv]
         tol = plan.tolerance[:, None, None]
-        bound, limit = check(result, radius, tol)
+        bound, limit = check(result, radius, tol, tightest=any(m is KVMode.AUDIT for m in plan.modes))
         out = result.out
         rung = torch.zeros(out.shape[:2], dtype=torch.int64, device=out.device)  # per group
         certifying = plan.certifying
@@ -73,8 +84,7 @@ class Ladder:
                            (out, bound, limit, rung))
         if any(m is KVMode.AUDIT for m in plan.modes):
             self._audit(layer, q, plan, batch, scale, out, bound, rung)
-        self._account(plan, q.shape[1], bound, limit, rung)
-        plan.tally.tail_mass += result.alpha_t.sum(dim=(1, 2))
+        plan.tally.layers.append((bound, limit, rung, result.alpha_t))
         self._prefetch(layer, result, plan, bound, limit, rung)
         return out
 
@@ -93,7 +103,7 @@ class Ladder:
         wanted = {"k": result.rho[..., :-1].amax(dim=2), "v": result.val_contrib[..., :-1].amax(dim=2)}  # [Bd, Hkv, nb]
         tops = {}
         for kind, slot in (("k", tier1.k_slot), ("v", tier1.v_slot)):  # what rung 2 (keys) and rung 1 (values) pick
-            quantized = view.full[:, None, :] & (slot[view.block_tables] < 0).transpose(1, 2)
+            quantized = view.full[:, None, :] & (take(slot, view.block_tables) < 0).transpose(1, 2)
             top = torch.where(quantized, wanted[kind], 0.0).topk(min(PREFETCH_BLOCKS, quantized.shape[-1]), dim=-1)
             blocks = view.block_tables.gather(1, top.indices.flatten(1)).view_as(top.indices)
             blocks = torch.where(top.values > 0, blocks, -1)
@@ -218,11 +228,17 @@ class Ladder:
                 counts = torch.bincount(ratio_bins(ratio), minlength=RATIO_BINS).tolist()
                 stats.ratio_hist = [a + b for a, b in zip(stats.ratio_hist, counts)]
 
-    def _account(self, plan, heads: int, bound, limit, rung) -> None:
-        """Adds this layer to the step's tally (flushed into the certificates by TieredKVCache.end_step)."""
-        tally, groups = plan.tally, rung.shape[1]
-        tally.evaluations += heads
-        counts = torch.nn.functional.one_hot(rung, 5).sum(dim=1) * (heads // groups)
+    def account(self, plan) -> None:
+        """Adds the step's layers to its tally, all at once (flushed into the certificates by end_step)."""
+        tally = plan.tally
+        if not tally.layers:
+            return
+        bound, limit, rung, alpha_t = (torch.cat(x, dim=1) for x in zip(*tally.layers))  # layers side by side
+        tally.layers.clear()
+        tally.tail_mass += alpha_t.sum(dim=(1, 2))
+        groups = bound.shape[-1]  # query heads per KV head
+        tally.evaluations += rung.shape[1] * groups
+        counts = torch.nn.functional.one_hot(rung, 5).sum(dim=1) * groups
         tally.rungs += counts * plan.certifying[:, None]
         accepted = (rung <= 2)[..., None] & plan.certifying[:, None, None]
         bound_max = torch.where(accepted, bound, 0.0).amax(dim=(1, 2))

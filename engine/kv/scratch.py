@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kernels import scatter_blocks
+from kernels.reference import take
 
 
 class Scratch:
@@ -49,7 +50,7 @@ class Scratch:
     def touch(self, tables: torch.Tensor, full: torch.Tensor, mass: torch.Tensor) -> None:
         """One decode step of attention: decay every score, raise the held pieces of `tables` [Bd, nb] to their
         block's mass [Bd, nb, Hkv] (max over the group's query heads) where full [Bd, nb]."""
-        held = self.slots[tables]  # [Bd, nb, Hkv, 2]
+        held = take(self.slots, tables)  # [Bd, nb, Hkv, 2]
         for index, kind in enumerate("kv"):
             self.score[kind].mul_(self.DECAY)
             slots = held[..., index]

@@ -56,12 +56,13 @@ class Tally:
     max_bound: torch.Tensor  # [Bd] float32
     max_ratio: torch.Tensor  # [Bd] float32: bound / limit
     tail_mass: torch.Tensor  # [Bd] float32: sum over heads and layers of the attention mass on quantized keys
+    layers: list  # per layer (bound, limit, rung, alpha_t): counted once per step by Ladder.account
 
     @staticmethod
     def zeros(n: int, device: torch.device) -> Tally:
         return Tally(torch.zeros(n, dtype=torch.int64, device=device),
                      torch.zeros(n, RUNGS, dtype=torch.int64, device=device),
-                     torch.zeros(n, device=device), torch.zeros(n, device=device), torch.zeros(n, device=device))
+                     torch.zeros(n, device=device), torch.zeros(n, device=device), torch.zeros(n, device=device), [])
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +220,7 @@ class TieredKVCache:
         plan: StepPlan = batch.cache_meta
         if plan.tally is None:
             return
+        self.ladder.account(plan)
         tally = plan.tally
         evaluations, rungs = tally.evaluations.tolist(), tally.rungs.tolist()
         max_bound, max_ratio, tail_mass = tally.max_bound.tolist(), tally.max_ratio.tolist(), tally.tail_mass.tolist()
