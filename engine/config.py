@@ -49,6 +49,7 @@ class EngineConfig:
     scratch_blocks: int = 512  # per layer: promoted exact (block, KV head) pieces kept on the device, keys and values each
     shadow_memory: int = 2 << 30  # bytes of tier-2 shadows (host); with kv_cache_memory it caps the number of blocks
     prefetch: bool = True  # tier-2 fetches likely at the next step start early (copy stream / worker thread)
+    prefetch_blocks: int = 512  # per layer: prefetched pieces held on the device until used (oldest dropped past it)
 
     def __post_init__(self) -> None:
         _require(self.device in DEVICES, "device", f"must be one of {DEVICES}")
@@ -68,6 +69,7 @@ class EngineConfig:
         except ValueError as e:
             raise ValueError(f"EngineConfig.quantizer/k_bits/v_bits: {e}") from None
         _require(self.scratch_blocks > 0, "scratch_blocks", "must be positive")
+        _require(self.prefetch_blocks > 0, "prefetch_blocks", "must be positive")
         _require(self.shadow_memory > 0, "shadow_memory", "must be positive")
 
     @property

@@ -123,7 +123,8 @@ class ModelRunner:
             raise ValueError(f"model: head_dim {spec.head_dim} is not a multiple of 16 (value groups)")
         return TieredKVCache(spec.num_layers, spec.num_kv_blocks, config.block_size, spec.num_kv_heads, spec.head_dim,
                              self.dtype, self.device, make_quantizer(config.quantizer, config.k_bits, config.v_bits),
-                             config.max_num_seqs, config.scratch_blocks, config.prefetch, self.faults)
+                             config.max_num_seqs, config.scratch_blocks, config.prefetch, self.faults,
+                             prefetch_blocks=config.prefetch_blocks)
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, requests: list[Request]) -> tuple[ForwardBatch, torch.Tensor]:

@@ -77,6 +77,8 @@ def _kv(p: argparse.ArgumentParser) -> None:
     kv.add_argument("--shadow-memory", type=parse_bytes, default="2GiB",
                     help="host bytes for tier-2 shadows; with --kv-cache-memory it caps the number of blocks")
     kv.add_argument("--no-prefetch", action="store_true", help="fetch tier-2 blocks only when an escalation needs them")
+    kv.add_argument("--prefetch-blocks", type=int, default=512,
+                    help="per layer: prefetched (block, KV head) pieces held on the device until used")
 
 
 def _security(p: argparse.ArgumentParser) -> None:
@@ -131,7 +133,8 @@ def configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig, Telem
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         max_new_tokens_default=args.max_new_tokens_default, threads=args.threads, kv_mode=args.kv_mode,
         tolerance=args.tolerance, k_bits=args.k_bits, v_bits=args.v_bits, quantizer=args.quantizer,
-        scratch_blocks=args.scratch_blocks, shadow_memory=args.shadow_memory, prefetch=not args.no_prefetch)
+        scratch_blocks=args.scratch_blocks, shadow_memory=args.shadow_memory, prefetch=not args.no_prefetch,
+        prefetch_blocks=args.prefetch_blocks)
     telemetry = TelemetryConfig(trace_exporter=args.trace_exporter, otlp_endpoint=args.otlp_endpoint,
                                 step_sample_ratio=args.trace_step_ratio,
                                 metrics_port=None if args.metrics_port < 0 else args.metrics_port)

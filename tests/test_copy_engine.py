@@ -28,3 +28,17 @@ def test_prefetch_off_never_hits():
     copy.prefetch(0, "k", SHADOW, [1], head=0)
     assert copy.fetch(0, "k", SHADOW, [1], head=0).hits == 0 and copy.pending() == 0
     copy.close()
+
+
+def test_prefetches_held_per_layer_are_bounded_oldest_dropped_first():
+    copy = CopyEngine(torch.device("cpu"), limit=2)
+    copy.prefetch(0, "k", SHADOW, [1, 2, 3], head=0)  # 1 is dropped to make room for 3
+    copy.prefetch(1, "k", SHADOW, [1], head=0)  # another layer has its own budget
+    assert copy.pending() == 3
+    assert copy.fetch(0, "k", SHADOW, [1, 2, 3], head=0).hits == 2
+    assert copy.fetch(1, "k", SHADOW, [1], head=0).hits == 1 and copy.pending() == 0
+    copy.prefetch(0, "v", SHADOW, [4, 5], head=1)
+    copy.invalidate(0, [4])
+    copy.prefetch(0, "v", SHADOW, [0], head=1)  # the invalidated piece freed its place: 5 stays
+    assert copy.fetch(0, "v", SHADOW, [5, 0], head=1).hits == 2
+    copy.close()

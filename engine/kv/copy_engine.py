@@ -42,11 +42,15 @@ class Fetch:
 
 
 class CopyEngine:
-    def __init__(self, device: torch.device, prefetch: bool = True):
+    """limit: prefetched pieces held per layer (device memory beside the scratch); past it the oldest are dropped."""
+
+    def __init__(self, device: torch.device, prefetch: bool = True, limit: int = 1 << 30):
         self.device = device
         self.enabled = prefetch
+        self.limit = limit
         self.stats = TransferStats()
-        self._pending: dict[Key, object] = {}  # Future on CPU, (tensor, event) on CUDA
+        self._pending: dict[Key, object] = {}  # Future on CPU, (tensor, event) on CUDA; oldest first
+        self._held: dict[int, int] = {}  # pending pieces per layer
         self._cuda = device.type == "cuda"
         self._stream = torch.cuda.Stream(device) if self._cuda else None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="certkv-prefetch") if prefetch else None
@@ -87,6 +91,9 @@ class CopyEngine:
             key = (layer, kind, block, head)
             if key in self._pending:
                 continue
+            if self._held.get(layer, 0) >= self.limit:
+                self._drop(self._pop(next(k for k in self._pending if k[0] == layer)))
+            self._held[layer] = self._held.get(layer, 0) + 1
             if self._cuda:
                 with torch.cuda.stream(self._stream):
                     data = shadow[block, :, head].to(self.device, non_blocking=True)
@@ -103,7 +110,7 @@ class CopyEngine:
             return
         stale = set(blocks)
         for key in [k for k in self._pending if k[0] == layer and k[2] in stale]:
-            self._drop(self._pending.pop(key))
+            self._drop(self._pop(key))
 
     def pending(self) -> int:
         return len(self._pending)
@@ -112,11 +119,18 @@ class CopyEngine:
         for item in self._pending.values():
             self._drop(item)
         self._pending.clear()
+        self._held.clear()
         if self._worker is not None:
             self._worker.shutdown(wait=True)
 
-    def _take(self, key: Key) -> torch.Tensor | None:
+    def _pop(self, key: Key):
         item = self._pending.pop(key, None)
+        if item is not None:
+            self._held[key[0]] -= 1
+        return item
+
+    def _take(self, key: Key) -> torch.Tensor | None:
+        item = self._pop(key)
         if item is None:
             return None
         if isinstance(item, Future):

@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 CERTIFYING = (KVMode.CERTIFIED, KVMode.AUDIT)
 VALUE_ONLY = 0.9  # rung 1 when E_key uses at most this share of the budget
 HEADROOM = 0.5  # promotions aim at this share of the budget, leaving slack so the next steps certify too
-PREFETCH_MARGIN = 0.8  # accepted groups with bound / limit above this get their heaviest quantized blocks prefetched
-PREFETCH_BLOCKS = 3
+PREFETCH_MARGIN = 0.3  # accepted groups with bound / limit above this get their heaviest quantized blocks prefetched
+PREFETCH_BLOCKS = 12
 
 
 def check(result: DecodeResult, radius: torch.Tensor, tolerance: torch.Tensor, tightest: bool = True):

@@ -85,7 +85,7 @@ class StepPlan:
 class TieredKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, quantizer: Quantizer, max_seqs: int, scratch_blocks: int,
-                 prefetch: bool = True, faults: FaultPlan = NO_FAULTS):
+                 prefetch: bool = True, faults: FaultPlan = NO_FAULTS, prefetch_blocks: int = 512):
         self.quantizer = quantizer
         self.block_size, self.kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
         self.num_blocks, self.dtype, self.device = num_blocks, dtype, device
@@ -105,7 +105,7 @@ class TieredKVCache:
         self.stats: dict[str, CertificateStats] = {}
         self.records: list[EscalationRecord] = []
         self.ladder = Ladder(self)
-        self.copy = CopyEngine(device, prefetch)
+        self.copy = CopyEngine(device, prefetch, limit=prefetch_blocks)
         self.faults = faults
         # Checksums of the shadows of full blocks (bit patterns of K and V summed), set when a block fills and
         # verified wherever exactness depends on the shadows: ladder fetches and exact recomputes.
