@@ -72,6 +72,32 @@ def _run_engine(engine, batch, new, name="warmup"):
     return _summary(name, len(batch), start, stamps.values(), new)
 
 
+def bench_interleaved(model: str, batch: list[list[int]], new: int, threads: int) -> dict:
+    """Dense and certified engines stepped alternately on the same requests: the median decode step of each, and
+    their ratio. Slow phases of a shared machine then hit both alike."""
+    from engine.request import SamplingParams, StoppingParams
+
+    engines = {mode: _engine(model, threads, mode) for mode in ("dense", "certified")}
+    stopping = StoppingParams(max_new_tokens=new, ignore_eos=True)
+    for engine in engines.values():
+        for i, prompt in enumerate(batch):
+            engine.add_request(engine.new_request(f"i{i}", prompt, SamplingParams(), stopping))
+    steps: dict[str, list[float]] = {mode: [] for mode in engines}
+    while any(engine.has_unfinished() for engine in engines.values()):
+        for mode, engine in engines.items():
+            if engine.has_unfinished():
+                decoding = all(r.num_computed_tokens >= r.num_prompt_tokens for r in engine.scheduler.running) \
+                    and not engine.scheduler.waiting
+                start = time.perf_counter()
+                engine.step()
+                if decoding:
+                    steps[mode].append(time.perf_counter() - start)
+    median = {mode: statistics.median(times) for mode, times in steps.items()}
+    return {"system": "interleaved", "concurrency": len(batch), "decode_steps": len(steps["dense"]),
+            "dense_step_ms": round(1000 * median["dense"], 1), "certified_step_ms": round(1000 * median["certified"], 1),
+            "certified_over_dense_throughput": round(median["dense"] / median["certified"], 3)}
+
+
 def _summary(name, n, start, stamp_lists, new):
     stamp_lists = list(stamp_lists)
     wall = max(s[-1] for s in stamp_lists) - start
@@ -201,12 +227,19 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", default=["engine", "grpc", "hf"], choices=["engine", "grpc", "hf"])
     parser.add_argument("--kv-modes", nargs="+", default=["dense", "certified"],
                         help="KV modes for the engine and grpc systems (hf always runs its own dense cache)")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="only step dense and certified engines alternately and compare their decode steps")
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration, round-robin; keeps the median")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     from engine.weights import resolve_model
 
     model_dir = str(resolve_model(args.model))
+    if args.interleaved:
+        for n in args.concurrency:
+            print(json.dumps(bench_interleaved(model_dir, prompts(n, args.prompt_tokens), args.new_tokens,
+                                               args.threads)), flush=True)
+        return
     rows = []
     for n in args.concurrency:
         batch = prompts(n, args.prompt_tokens)
