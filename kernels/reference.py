@@ -216,7 +216,8 @@ def decode_accumulators(q, layer: QuantizedLayer, view: DecodeView, scale: float
                      slots[..., 0])
     values = _promoted(quantizer.dequantize_values(Codes(take(layer.v_codes, tables), take(layer.v_scale, tables),
                                                          take(layer.v_zero, tables))), layer.scratch_v, slots[..., 1])
-    tail_k, tail_v = (x[view.slots].transpose(1, 2).float().contiguous() for x in (layer.tail_k, layer.tail_v))  # [Bd, Hkv, bs, D]
+    tail_k, tail_v = (x[view.slots].transpose(1, 2).float().contiguous()  # [Bd, Hkv, bs, D]
+                      for x in (layer.tail_k, layer.tail_v))
     grouped = q.float().view(batch, kv_heads, groups, dim)
     valid = view.valid.view(batch, 1, 1, nb + 1, bs)
     scores = torch.cat([torch.matmul(grouped[:, None], keys.transpose(-1, -2)).permute(0, 2, 3, 1, 4),
@@ -278,11 +279,12 @@ def _token_terms(stored, value_quant, tail_v, view):
     on padding. stored [Bd, nb, Hkv, bs, 2] (eta_j, ||v^_j||), value_quant [Bd, Hkv, nb], tail_v [Bd, Hkv, bs, D]."""
     batch, nb, kv_heads, bs, _ = stored.shape
     stored = stored.transpose(1, 2)
-    eta = torch.where(value_quant[..., None], stored[..., 0].float(), 0.0)
+    measured = stored[..., 0].float()
+    eta = torch.where(value_quant[..., None], measured, 0.0)
     terms = torch.empty(batch, kv_heads, nb + 1, bs, 4, device=stored.device)
     terms[..., 0] = view.valid.view(batch, 1, nb + 1, bs)
     terms[:, :, :nb, :, 1] = eta
-    torch.add(stored[..., 1], stored[..., 0].float() - eta, out=terms[:, :, :nb, :, 2])  # + eta_j where exact
+    torch.add(stored[..., 1], measured - eta, out=terms[:, :, :nb, :, 2])  # + eta_j where values are exact
     terms[:, :, nb, :, 1] = 0.0
     terms[:, :, nb, :, 2] = tail_v.norm(dim=-1)
     terms[..., 1:3] *= terms[..., :1]

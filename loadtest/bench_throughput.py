@@ -94,7 +94,8 @@ def bench_interleaved(model: str, batch: list[list[int]], new: int, threads: int
                     steps[mode].append(time.perf_counter() - start)
     median = {mode: statistics.median(times) for mode, times in steps.items()}
     return {"system": "interleaved", "concurrency": len(batch), "decode_steps": len(steps["dense"]),
-            "dense_step_ms": round(1000 * median["dense"], 1), "certified_step_ms": round(1000 * median["certified"], 1),
+            "dense_step_ms": round(1000 * median["dense"], 1),
+            "certified_step_ms": round(1000 * median["certified"], 1),
             "certified_over_dense_throughput": round(median["dense"] / median["certified"], 3)}
 
 
@@ -190,24 +191,10 @@ def _wait_serving(port: int, process: subprocess.Popen, timeout: float = 120) ->
     raise TimeoutError("server did not report SERVING")
 
 
-def medians(first: list[dict], args, model_dir: str) -> list[dict]:
-    """Runs every row's configuration args.repeat - 1 more times, round-robin (so that this VM's slow phases hit all
-    systems alike), and keeps each configuration's median run, with every run's tokens/s in `runs`."""
-    runs = {i: [row] for i, row in enumerate(first)}
-    for _ in range(args.repeat - 1):
-        for i, row in enumerate(first):
-            system, mode = row["system"].split("-", 1)
-            bench = {"engine": bench_engine, "grpc": bench_grpc, "hf": bench_hf}[system]
-            extra = {} if system == "hf" else {"kv_mode": mode}
-            again = bench(model_dir, prompts(row["concurrency"], args.prompt_tokens), args.new_tokens, args.threads,
-                          **extra)
-            print(json.dumps(again), flush=True)
-            runs[i].append(again)
-    out = []
-    for i, row_runs in runs.items():
-        ranked = sorted(row_runs, key=lambda r: r["tokens_per_s"])
-        out.append(ranked[len(ranked) // 2] | {"runs": [r["tokens_per_s"] for r in row_runs]})
-    return out
+def median_run(runs: list[dict]) -> dict:
+    """The median run by tokens/s, with every run's tokens/s in `runs`."""
+    ranked = sorted(runs, key=lambda r: r["tokens_per_s"])
+    return ranked[len(ranked) // 2] | {"runs": [r["tokens_per_s"] for r in runs]}
 
 
 def table(rows: list[dict]) -> str:
@@ -240,18 +227,16 @@ def main() -> None:
             print(json.dumps(bench_interleaved(model_dir, prompts(n, args.prompt_tokens), args.new_tokens,
                                                args.threads)), flush=True)
         return
-    rows = []
-    for n in args.concurrency:
-        batch = prompts(n, args.prompt_tokens)
-        for system in args.systems:
-            runs = [(bench_hf, {})] if system == "hf" else [
-                (bench_engine if system == "engine" else bench_grpc, {"kv_mode": mode}) for mode in args.kv_modes]
-            for bench, extra in runs:
-                row = bench(model_dir, batch, args.new_tokens, args.threads, **extra)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-    if args.repeat > 1:
-        rows = medians(rows, args, model_dir)
+    configs = [(n, bench, extra) for n in args.concurrency for system in args.systems
+               for bench, extra in ([(bench_hf, {})] if system == "hf" else [
+                   (bench_engine if system == "engine" else bench_grpc, {"kv_mode": mode}) for mode in args.kv_modes])]
+    runs: list[list[dict]] = [[] for _ in configs]
+    for _ in range(args.repeat):  # round-robin, so that this VM's slow phases hit every configuration alike
+        for config_runs, (n, bench, extra) in zip(runs, configs):
+            row = bench(model_dir, prompts(n, args.prompt_tokens), args.new_tokens, args.threads, **extra)
+            print(json.dumps(row), flush=True)
+            config_runs.append(row)
+    rows = [median_run(config_runs) for config_runs in runs]
     meta = {"machine": f"{os.cpu_count()} CPU cores", "threads": args.threads, "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens, "model": model_dir, "repeat": args.repeat}
     print(json.dumps({"meta": meta}))

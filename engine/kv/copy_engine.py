@@ -11,12 +11,13 @@ miss. Pieces of a block that is freed or re-quantized are dropped, so a reused b
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-Key = tuple[int, str, int, int]  # layer, kind ("k" or "v"), block, KV head
+Key = tuple[str, int, int]  # kind ("k" or "v"), block, KV head (pending pieces are kept per layer)
 
 
 @dataclass(slots=True)
@@ -49,8 +50,8 @@ class CopyEngine:
         self.enabled = prefetch
         self.limit = limit
         self.stats = TransferStats()
-        self._pending: dict[Key, object] = {}  # Future on CPU, (tensor, event) on CUDA; oldest first
-        self._held: dict[int, int] = {}  # pending pieces per layer
+        # per layer, oldest first: a Future on CPU, (tensor, event) on CUDA
+        self._pending: defaultdict[int, dict[Key, object]] = defaultdict(dict)
         self._cuda = device.type == "cuda"
         self._stream = torch.cuda.Stream(device) if self._cuda else None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="certkv-prefetch") if prefetch else None
@@ -59,7 +60,7 @@ class CopyEngine:
         """shadow [NB, bs, Hkv, D] on the host -> the pieces [len(blocks), bs, D] on the device."""
         pieces, missing = [None] * len(blocks), []
         for i, block in enumerate(blocks):
-            ready = self._take((layer, kind, block, head))
+            ready = self._take(self._pending[layer].pop((kind, block, head), None))
             if ready is None:
                 missing.append(i)
             else:
@@ -87,50 +88,44 @@ class CopyEngine:
         """Starts copying pieces that a later fetch will probably ask for."""
         if not self.enabled:
             return
+        pending = self._pending[layer]
         for block in blocks:
-            key = (layer, kind, block, head)
-            if key in self._pending:
+            key = (kind, block, head)
+            if key in pending:
                 continue
-            if self._held.get(layer, 0) >= self.limit:
-                self._drop(self._pop(next(k for k in self._pending if k[0] == layer)))
-            self._held[layer] = self._held.get(layer, 0) + 1
+            if len(pending) >= self.limit:
+                self._drop(pending.pop(next(iter(pending))))
             if self._cuda:
                 with torch.cuda.stream(self._stream):
                     data = shadow[block, :, head].to(self.device, non_blocking=True)
                     event = torch.cuda.Event()
                     event.record(self._stream)
-                self._pending[key] = (data, event)
+                pending[key] = (data, event)
             else:
-                self._pending[key] = self._worker.submit(lambda b=block: shadow[b, :, head].clone())
+                pending[key] = self._worker.submit(lambda b=block: shadow[b, :, head].clone())
             self.stats.prefetch_bytes += shadow[block, :, head].numel() * shadow.element_size()
 
     def invalidate(self, layer: int, blocks: list[int]) -> None:
         """Blocks freed or re-quantized: drop their prefetched pieces."""
-        if not self._pending:
+        pending = self._pending.get(layer)
+        if not pending:
             return
         stale = set(blocks)
-        for key in [k for k in self._pending if k[0] == layer and k[2] in stale]:
-            self._drop(self._pop(key))
+        for key in [k for k in pending if k[1] in stale]:
+            self._drop(pending.pop(key))
 
     def pending(self) -> int:
-        return len(self._pending)
+        return sum(len(pending) for pending in self._pending.values())
 
     def close(self) -> None:
-        for item in self._pending.values():
-            self._drop(item)
+        for pending in self._pending.values():
+            for item in pending.values():
+                self._drop(item)
         self._pending.clear()
-        self._held.clear()
         if self._worker is not None:
             self._worker.shutdown(wait=True)
 
-    def _pop(self, key: Key):
-        item = self._pending.pop(key, None)
-        if item is not None:
-            self._held[key[0]] -= 1
-        return item
-
-    def _take(self, key: Key) -> torch.Tensor | None:
-        item = self._pop(key)
+    def _take(self, item) -> torch.Tensor | None:
         if item is None:
             return None
         if isinstance(item, Future):

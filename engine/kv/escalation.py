@@ -73,7 +73,8 @@ class Ladder:
         view = plan.view
         radius = self.cache.radius[layer][view.slots]  # [Bd, Hkv]
         tol = plan.tolerance[:, None, None]
-        bound, limit = check(result, radius, tol, tightest=any(m is KVMode.AUDIT for m in plan.modes))
+        auditing = any(m is KVMode.AUDIT for m in plan.modes)
+        bound, limit = check(result, radius, tol, tightest=auditing)
         out = result.out
         rung = torch.zeros(out.shape[:2], dtype=torch.int64, device=out.device)  # per group
         certifying = plan.certifying
@@ -82,7 +83,7 @@ class Ladder:
         if bool(over.any()) or bool(broken.any()):
             self._escalate(layer, q, result, plan, batch, scale, radius, tol, over & ~broken[:, None], broken,
                            (out, bound, limit, rung))
-        if any(m is KVMode.AUDIT for m in plan.modes):
+        if auditing:
             self._audit(layer, q, plan, batch, scale, out, bound, rung)
         plan.tally.layers.append((bound, limit, rung, result.alpha_t))
         self._prefetch(layer, result, plan, bound, limit, rung)
