@@ -23,8 +23,9 @@ def scatter_blocks(dst: torch.Tensor, slots: torch.Tensor, src: torch.Tensor) ->
     if src.dim() != dst.dim() or src.shape[1:] != dst.shape[1:] or slots.shape != src.shape[:1]:
         raise ValueError(f"scatter_blocks: src {tuple(src.shape)} into dst {tuple(dst.shape)} at slots "
                          f"{tuple(slots.shape)}")
-    if not (dst.is_contiguous() and src.is_contiguous()) or len({dst.device, src.device, slots.device}) != 1:
-        raise ValueError("scatter_blocks: dst and src must be contiguous, all on one device")
+    if not dst.is_contiguous() or len({dst.device, src.device, slots.device}) != 1:
+        raise ValueError("scatter_blocks: dst must be contiguous, dst, slots and src on one device")
+    src = src.contiguous()  # callers pass slices of the step's K/V (the filled tail blocks, strided)
     if slots.numel():
         size = dst[0].numel()
         _scatter_kernel[(slots.numel(),)](dst, slots.to(torch.int64), src, SIZE=size,

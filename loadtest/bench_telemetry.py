@@ -117,7 +117,10 @@ def main() -> None:
                        runs=[r["tokens_per_s"] for r in runs])
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(json.dumps({"meta": {"machine": f"{os.cpu_count()} CPU cores, no GPU", "threads": args.threads}}))
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    print(json.dumps({"meta": {"machine": f"{os.cpu_count()} CPU cores, {gpu}", "threads": args.threads}}))
 
 
 if __name__ == "__main__":

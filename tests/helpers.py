@@ -12,8 +12,14 @@ from engine.engine import LLMEngine
 from engine.request import KVPolicy, SamplingParams, StoppingParams
 
 
+# Engines in tests run on the CPU, in float32 like the HF reference they are compared with token for token (on a GPU,
+# bfloat16 and batch-dependent kernels make no such promise); tests/test_cuda.py covers the CUDA paths.
+TEST_DEVICE = "cpu"
+
+
 def make_engine(model: Path, **overrides) -> LLMEngine:
-    defaults = dict(model=str(model), num_kv_blocks=256, max_num_batched_tokens=512, kv_mode="dense")
+    defaults = dict(model=str(model), num_kv_blocks=256, max_num_batched_tokens=512, kv_mode="dense",
+                    device=TEST_DEVICE)
     return LLMEngine(EngineConfig(**(defaults | overrides)))
 
 

@@ -12,6 +12,7 @@ import grpc
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from server.app import CertkvServer
+from tests.helpers import TEST_DEVICE
 from server.config import ServerConfig
 from server.pb.certkv.v1 import inference_pb2 as pb
 from server.pb.certkv.v1 import inference_pb2_grpc as pb_grpc
@@ -31,7 +32,8 @@ def slow_down(engine: LLMEngine, seconds: float) -> None:
 @contextlib.asynccontextmanager
 async def running_server(model: Path, step_delay: float = 0.0, server_overrides: dict | None = None,
                          telemetry=None, faults=None, **engine_overrides):
-    engine_config = EngineConfig(**({"model": str(model), "num_kv_blocks": 128, "kv_mode": "dense"} | engine_overrides))
+    defaults = {"model": str(model), "num_kv_blocks": 128, "kv_mode": "dense", "device": TEST_DEVICE}
+    engine_config = EngineConfig(**(defaults | engine_overrides))
     engine = await asyncio.to_thread(LLMEngine, engine_config, *([faults] if faults else []))
     if step_delay:
         slow_down(engine, step_delay)

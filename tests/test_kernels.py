@@ -193,5 +193,9 @@ def test_scatter_blocks_matches_its_twin(dtype):
     scatter_blocks(got, slots, source)
     reference.scatter_blocks(want, slots, source)
     assert torch.equal(got, want)
+    strided = torch.randn(BS, 5, 64, device=DEVICE).transpose(0, 1)  # how the write path slices the step's K/V
+    scatter_blocks(got, slots, strided)
+    reference.scatter_blocks(want, slots, strided)
+    assert not strided.is_contiguous() and torch.equal(got, want)
     with pytest.raises(ValueError, match="src"):
         scatter_blocks(got, slots, torch.randn(5, BS, 32, device=DEVICE))

@@ -24,10 +24,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def spawn(*args: str):
-    return await asyncio.create_subprocess_exec(sys.executable, "-m", "server", *args, cwd=ROOT,
-                                                env=os.environ | {"HF_HUB_OFFLINE": "1"},
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+async def spawn(log: Path, *args: str):
+    """`python -m server ARGS`, its output into `log`: a pipe nobody reads would block the server once it fills."""
+    with log.open("wb") as out:
+        return await asyncio.create_subprocess_exec(sys.executable, "-m", "server", *args, cwd=ROOT,
+                                                    env=os.environ | {"HF_HUB_OFFLINE": "1"}, stdout=out,
+                                                    stderr=asyncio.subprocess.STDOUT)
 
 
 async def health(channel, timeout=1.0):
@@ -38,9 +40,9 @@ async def health(channel, timeout=1.0):
         return exc.code()
 
 
-async def test_sigterm_drains(tiny_llama):
+async def test_sigterm_drains(tiny_llama, tmp_path):
     port = free_port()
-    process = await spawn("--model", str(tiny_llama), "--port", str(port), "--metrics-port", "-1", "--kv-mode",
+    process = await spawn(tmp_path / "server.log", "--model", str(tiny_llama), "--port", str(port), "--metrics-port", "-1", "--kv-mode",
                           "dense", "--drain-delay", "1.5", "--drain-grace", "20", "--num-kv-blocks", "64")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -69,10 +71,12 @@ async def test_sigterm_drains(tiny_llama):
         if process.returncode is None:
             process.kill()
             await process.wait()
+        print((tmp_path / "server.log").read_text()[-4000:])  # shown when the test fails
 
 
 async def test_startup_failure_exits_nonzero(tmp_path):
     port = free_port()
-    process = await spawn("--model", str(tmp_path / "no-such-model"), "--port", str(port), "--metrics-port", "-1")
-    output, _ = await asyncio.wait_for(process.communicate(), timeout=120)
-    assert process.returncode != 0 and b"cannot start" in output
+    process = await spawn(tmp_path / "server.log", "--model", str(tmp_path / "no-such-model"), "--port", str(port),
+                          "--metrics-port", "-1")
+    assert await asyncio.wait_for(process.wait(), timeout=120) != 0
+    assert "cannot start" in (tmp_path / "server.log").read_text()

@@ -11,7 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from server import client as cli
 from server.pb.certkv.v1 import inference_pb2 as pb
 from server.pb.certkv.v1 import inference_pb2_grpc as pb_grpc
-from tests.helpers import hf_greedy
+from tests.helpers import TEST_DEVICE, hf_greedy
 from tests.serving import aborts, channel_to, collect, greedy, running_server, wait_quiescent
 
 PROMPT = [400, 500, 600, 700, 800]
@@ -206,7 +206,8 @@ async def test_not_serving_until_loaded(tiny_llama):
     from server.app import CertkvServer
     from server.config import ServerConfig
 
-    server = CertkvServer(ServerConfig(port=0, drain_delay_s=0), EngineConfig(model=str(tiny_llama), num_kv_blocks=16))
+    engine_config = EngineConfig(model=str(tiny_llama), num_kv_blocks=16, device=TEST_DEVICE)
+    server = CertkvServer(ServerConfig(port=0, drain_delay_s=0), engine_config)
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
