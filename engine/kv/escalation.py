@@ -80,25 +80,25 @@ class Ladder:
         certifying = plan.certifying
         over = certifying[:, None] & ~(bound <= limit).all(dim=-1)
         broken = certifying & result.broken.any(dim=-1)
-        if bool(over.any()) or bool(broken.any()):
+        # groups accepted close to their limit will probably escalate at the next step
+        near = certifying[:, None] & ((bound / limit.clamp_min(1e-30)).amax(dim=-1) > PREFETCH_MARGIN)
+        escalating, prefetching = torch.stack([over.any() | broken.any(), near.any()]).tolist()  # one device sync
+        if escalating:
             self._escalate(layer, q, result, plan, batch, scale, radius, tol, over & ~broken[:, None], broken,
                            (out, bound, limit, rung))
         if auditing:
             self._audit(layer, q, plan, batch, scale, out, bound, rung)
         plan.tally.layers.append((bound, limit, rung, result.alpha_t))
-        self._prefetch(layer, result, plan, bound, limit, rung)
+        if escalating or prefetching:
+            self._prefetch(layer, result, plan, near | (rung > 0))
         return out
 
-    def _prefetch(self, layer, result, plan, bound, limit, rung) -> None:
-        """Groups that escalated, or were accepted within PREFETCH_MARGIN of their limit, will probably escalate at the
-        next step: start fetching the blocks the ladder would pick among those attention still reads quantized (keys
-        by mass, as rung 2 does; values by sum p eta, as rung 1 does), so that the transfer overlaps the rest of
-        this step."""
+    def _prefetch(self, layer, result, plan, likely) -> None:
+        """Groups that escalated, or were accepted within PREFETCH_MARGIN of their limit (`likely` [Bd, Hkv]), will
+        probably escalate at the next step: start fetching the blocks the ladder would pick among those attention
+        still reads quantized (keys by mass, as rung 2 does; values by sum p eta, as rung 1 does), so that the
+        transfer overlaps the rest of this step."""
         if not self.cache.copy.enabled or plan.view.block_tables.shape[1] == 0:
-            return
-        ratio = (bound / limit.clamp_min(1e-30)).amax(dim=-1)  # [Bd, Hkv]
-        likely = plan.certifying[:, None] & ((ratio > PREFETCH_MARGIN) | (rung > 0))
-        if not bool(likely.any()):
             return
         view, tier1 = plan.view, self.cache.layers[layer]
         wanted = {"k": result.rho[..., :-1].amax(dim=2), "v": result.val_contrib[..., :-1].amax(dim=2)}  # [Bd, Hkv, nb]

@@ -54,8 +54,10 @@ class Scratch:
         for index, kind in enumerate("kv"):
             self.score[kind].mul_(self.DECAY)
             slots = held[..., index]
-            use = (slots >= 0) & full[..., None]
-            self.score[kind].scatter_reduce_(0, slots[use].long(), mass[use], reduce="amax")
+            # entries without a held piece raise slot 0 to -inf, which changes nothing (no boolean indexing: a
+            # device sync on CUDA)
+            masked = torch.where((slots >= 0) & full[..., None], mass, -torch.inf)
+            self.score[kind].scatter_reduce_(0, slots.clamp(min=0).long().flatten(), masked.flatten(), reduce="amax")
 
     def invalidate(self, blocks: torch.Tensor) -> None:
         """Blocks freed or re-quantized for a new owner: their pieces are stale."""
