@@ -16,6 +16,10 @@ import triton.language as tl
 from kernels.reference import DecodeAccumulators, DecodeView, QuantizedLayer
 
 BLOCKS_PER_SPLIT = 16  # blocks of 16 tokens a program walks, at most
+# One warp a program: measured on an H100 (fp16 tier 1, 8 KV heads, 4 query heads each, head dim 128), batch 16 at
+# 16K tokens took 1.46 ms with 1 warp, 2.36 ms with 2, 4.1 ms with 4 and 6.5 ms with 8; pipelining depth and 8 to 32
+# blocks a split changed it by less than 10%.
+LAUNCH = {"num_warps": 1, "num_stages": 3}
 
 
 @triton.jit
@@ -136,7 +140,7 @@ def decode_accumulators(q, layer: QuantizedLayer, view: DecodeView, scale: float
             view.block_tables, view.num_full, view.tail_lens, view.slots, view.use_scratch,
             out, split_max, split_sum, block_max, block_sums, key_dots, value_max,
             scale, nb, splits, per_split, HKV=kv_heads, G=groups, GP=max(triton.next_power_of_2(groups), 2), D=dim,
-            BS=bs, K_BITS=quantizer.k_bits, V_BITS=quantizer.v_bits, GROUP=16)
+            BS=bs, K_BITS=quantizer.k_bits, V_BITS=quantizer.v_bits, GROUP=16, **LAUNCH)
     top = split_max.amax(dim=-1, keepdim=True)
     weight = torch.where(split_sum > 0, torch.exp(split_max - top), 0.0)
     merged = (out * weight[..., None]).sum(dim=3) / (split_sum * weight).sum(dim=-1)[..., None]
