@@ -124,8 +124,8 @@ class Ladder:
         terms = terms_of(result, radius)
         before = bound.amax(dim=-1).clone()
         allowance = cache.scratch[layer].capacity // 2  # promotions per layer and step: no churn within a step
-        for i, h in over.nonzero().tolist():
-            choice = self._plan_group(layer, result, terms, view, i, h, limit[i, h], radius[i, h])
+        groups = over.nonzero().tolist()
+        for (i, h), choice in zip(groups, self._plan_groups(layer, result, terms, view, groups, limit, radius)):
             if choice is None or len(choice[0]) + len(choice[1]) > allowance:
                 exact.add((i, h))
                 continue
@@ -190,27 +190,40 @@ class Ladder:
                              seconds)
         return moved
 
-    def _plan_group(self, layer, result, terms, view, i, h, limit, radius):
-        """((position, block) value promotions, key blocks) for group (i, h), or None when no promotion can certify."""
-        num_full = int(view.num_full[i])
-        e_val, e_key, e_fp = terms.e_val[i, h], terms.e_key[i, h], terms.e_fp[i, h]
-        if num_full == 0 or not bool(torch.isfinite(e_val + e_key + e_fp).all()):
-            return None
-        blocks = view.block_tables[i, :num_full]
-        budget = limit - e_fp  # what E_val + E_key may use
-        if not bool((budget > 0).all()):
-            return None
-        contrib = result.val_contrib[i, h, :, :num_full]
-        if bool((e_key <= budget * VALUE_ONLY).all()):  # promote down to HEADROOM: slack for the next steps
-            values, keys = _by_contribution(contrib, e_val - (budget * HEADROOM - e_key).clamp_min(0)), []
-        else:
-            in_tail = self.cache.layers[layer].k_slot[blocks, h] < 0
-            keys = _by_mass(result, i, h, num_full, in_tail, radius, budget * HEADROOM / 2)
-            if keys is None:
-                return None
-            values = _by_contribution(contrib, e_val - budget * HEADROOM / 2)
-        ids = blocks.tolist()
-        return [(p, ids[p]) for p in values], [ids[p] for p in keys]
+    def _plan_groups(self, layer, result, terms, view, groups, limit, radius) -> list:
+        """Per group (i, h): ((position, block) value promotions, key blocks), or None when no promotion can certify
+        it. Rung 1 (values only) when E_key uses at most VALUE_ONLY of the budget (limit - E_fp), promoting values
+        down to HEADROOM of it; else rung 2, keys and values each down to HEADROOM / 2. All groups at once, with one
+        host transfer for the decisions."""
+        nb = view.block_tables.shape[1]
+        if not groups or nb == 0:
+            return [None] * len(groups)
+        device = limit.device
+        gi, hi = (torch.tensor(x, device=device) for x in zip(*groups))
+        num_full = view.num_full[gi]
+        e_val, e_key, e_fp = terms.e_val[gi, hi], terms.e_key[gi, hi], terms.e_fp[gi, hi]  # [n, G]
+        budget = limit[gi, hi] - e_fp  # what E_val + E_key may use
+        possible = (num_full > 0) & torch.isfinite(e_val + e_key + e_fp).all(-1) & (budget > 0).all(-1)
+        value_only = (e_key <= budget * VALUE_ONLY).all(-1)  # rung 1: slack left for the next steps
+        need = torch.where(value_only[:, None], e_val - (budget * HEADROOM - e_key).clamp_min(0),
+                           e_val - budget * HEADROOM / 2)
+        real = torch.arange(nb, device=device)[None, :] < num_full[:, None]  # [n, nb]
+        tables = view.block_tables[gi]
+        v_order, v_count = _by_contribution(torch.where(real[:, None], result.val_contrib[gi, hi, :, :nb], 0.0), need)
+        in_tail = real & (take(self.cache.layers[layer].k_slot, tables).gather(2, hi[:, None, None].expand(-1, nb, 1))[..., 0] < 0)
+        k_order, k_count = _by_mass(result, gi, hi, in_tail, radius[gi, hi], budget * HEADROOM / 2)
+        decided = torch.cat([torch.stack([x.long() for x in (possible, value_only, v_count, k_count)], dim=1), v_order, k_order,
+                             tables], dim=1).tolist()
+        choices = []
+        for row in decided:
+            ok, values_only, nv, nk = row[:4]
+            v_at, k_at, ids = row[4:4 + nb], row[4 + nb:4 + 2 * nb], row[4 + 2 * nb:]
+            if not ok or (not values_only and nk < 0):
+                choices.append(None)
+                continue
+            values = [(p, ids[p]) for p in v_at[:nv]]
+            choices.append((values, [] if values_only else [ids[p] for p in k_at[:nk]]))
+        return choices
 
     def _audit(self, layer, q, plan, batch, scale, out, bound, rung) -> None:
         """The float64 reference from the shadows; accepted (non-exact) heads farther from it than their bound
@@ -251,32 +264,39 @@ class Ladder:
         torch.maximum(tally.max_ratio, ratio_max, out=tally.max_ratio)
 
 
-def _by_contribution(contrib: torch.Tensor, need: torch.Tensor) -> list[int]:
-    """Fewest blocks (positions) whose contributions [G, nb] cover `need` [G] for every head, largest first."""
-    if not bool((need > 0).any()):
-        return []
-    order = contrib.amax(dim=0).argsort(descending=True)
-    covered = contrib[:, order].cumsum(dim=-1) >= need[:, None] * (1 + 1e-3)
-    enough = covered.all(dim=0).nonzero()
-    count = int(enough[0]) + 1 if enough.numel() else int((contrib.amax(dim=0) > 0).sum())
-    return order[:count].tolist()
+def _by_contribution(contrib: torch.Tensor, need: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the fewest blocks whose contributions [n, G, nb] cover `need` [n, G] for every head, largest first:
+    (block positions in that order [n, nb], how many [n]; every block with a contribution when no prefix covers,
+    none when nothing is needed)."""
+    top = contrib.amax(dim=1)
+    order = top.argsort(dim=-1, descending=True)
+    covered = (contrib.gather(2, order[:, None, :].expand_as(contrib)).cumsum(dim=-1)
+               >= need[..., None] * (1 + 1e-3)).all(dim=1)  # [n, nb]
+    count = torch.where(covered.any(dim=-1), covered.int().argmax(dim=-1) + 1, (top > 0).sum(dim=-1))
+    return order, torch.where((need > 0).any(dim=-1), count, 0)
 
 
-def _by_mass(result: DecodeResult, i: int, h: int, num_full: int, in_tail, radius, goal):
-    """Fewest tail blocks of group (i, h), heaviest first, whose promotion to exact keys brings the predicted E_key
-    under `goal` [G] for every query head; None when no prefix suffices. Moving a block from T to P removes its
-    Delta_b, mass and spread from the tail sums (the prediction keeps p^ fixed; the re-run decides)."""
-    tail = in_tail.nonzero().flatten()
-    rho = result.rho[i, h, :, :num_full]
-    order = tail[rho[:, tail].amax(dim=0).argsort(descending=True)]
-    deltas = result.block_delta[i, h, :, :num_full][:, order]  # [G, n]
-    rest = torch.cat([deltas.flip(-1).cummax(-1).values.flip(-1), deltas.new_zeros(deltas.shape[0], 1)], dim=-1)
+def _by_mass(result: DecodeResult, gi, hi, in_tail, radius, goal) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group (gi, hi), the fewest tail blocks (in_tail [n, nb]), heaviest first, whose promotion to exact keys
+    brings the predicted E_key under `goal` [n, G] for every query head: (block positions in that order [n, nb], how
+    many [n]; -1 when no prefix suffices). Moving a block from T to P removes its Delta_b, mass and spread from the
+    tail sums (the prediction keeps p^ fixed; the re-run decides)."""
+    n, nb = in_tail.shape
+    rho = result.rho[gi, hi, :, :nb]  # [n, G, nb]
+    order = torch.where(in_tail, rho.amax(dim=1), -torch.inf).argsort(dim=-1, descending=True)  # tail blocks first
+    first = in_tail.gather(1, order)[:, None, :]  # [n, 1, nb]: the tail blocks in that order
 
-    def moved(x):  # what the first m blocks carry, m = 0 .. n
-        return torch.cat([x.new_zeros(x.shape[0], 1), x[:, order].cumsum(dim=-1)], dim=-1)
+    def ordered(x):  # [n, G, nb] in that order, 0 past the tail blocks
+        return torch.where(first, x.gather(2, order[:, None, :].expand_as(x)), 0.0)
 
-    dev = moved(result.dev_contrib[i, h, :, :num_full])
-    e_key = cert.key_error(rest, (result.alpha_t[i, h, :, None] - moved(rho)).clamp_min(0), radius,
-                           result.w_all[i, h, :, None], (result.w_tail[i, h, :, None] - dev).clamp_min(0))
-    fits = (e_key <= goal[:, None]).all(dim=0).nonzero()
-    return order[: int(fits[0])].tolist() if fits.numel() else None
+    def moved(x):  # what the first m blocks carry, m = 0 .. nb
+        return torch.cat([x.new_zeros(n, x.shape[1], 1), ordered(x).cumsum(dim=-1)], dim=-1)
+
+    deltas = ordered(result.block_delta[gi, hi])  # Delta_b >= 0: the zeros past the tail change no maximum
+    rest = torch.cat([deltas.flip(-1).cummax(-1).values.flip(-1), deltas.new_zeros(n, deltas.shape[1], 1)], dim=-1)
+    dev = moved(result.dev_contrib[gi, hi, :, :nb])
+    e_key = cert.key_error(rest, (result.alpha_t[gi, hi][..., None] - moved(rho)).clamp_min(0), radius[:, None, None],
+                           result.w_all[gi, hi][..., None], (result.w_tail[gi, hi][..., None] - dev).clamp_min(0))
+    fits = (e_key <= goal[..., None]).all(dim=1)  # [n, nb + 1]
+    fits &= torch.arange(nb + 1, device=fits.device)[None, :] <= in_tail.sum(dim=-1, keepdim=True)
+    return order, torch.where(fits.any(dim=-1), fits.int().argmax(dim=-1), -1)
