@@ -170,12 +170,16 @@ def bench_e2e(args, device) -> list[dict]:
             started: set[str] = set()
             while len(started) < args.e2e_batch:  # prefill: every request has its first token
                 started |= {o.request_id for o in engine.step() if o.token_ids}
-            start, produced = time.perf_counter(), 0
+            start, produced, rungs = time.perf_counter(), 0, [0] * 5
             while engine.has_unfinished():
-                produced += sum(len(o.token_ids) for o in engine.step())
+                for out in engine.step():
+                    produced += len(out.token_ids)
+                    if out.finished and out.certificate is not None:
+                        rungs = [a + b for a, b in zip(rungs, out.certificate.rungs)]
             wall = time.perf_counter() - start
             rows.append({"bench": "e2e", "mode": mode, "layers": config.num_hidden_layers, "batch": args.e2e_batch,
-                         "context": args.e2e_context, "decode_tokens_per_s": round(produced / wall, 1)})
+                         "context": args.e2e_context, "decode_tokens_per_s": round(produced / wall, 1),
+                         "rungs": rungs})  # head-evaluations by the rung that produced them (certified mode)
             print(json.dumps(rows[-1]), flush=True)
             del engine
             if device.type == "cuda":
