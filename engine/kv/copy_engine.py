@@ -67,11 +67,7 @@ class CopyEngine:
                 pieces[i] = ready
         seconds, nbytes = 0.0, 0
         if missing:
-            start = time.perf_counter()
-            data = self._copy(shadow, [blocks[i] for i in missing], head)
-            if self._cuda:
-                torch.cuda.current_stream(self.device).synchronize()
-            seconds = time.perf_counter() - start
+            data, seconds = self._timed_copy(shadow, [blocks[i] for i in missing], head)
             for j, i in enumerate(missing):
                 pieces[i] = data[j]
         hits = len(blocks) - len(missing)
@@ -133,6 +129,20 @@ class CopyEngine:
         data, event = item
         torch.cuda.current_stream(self.device).wait_event(event)
         return data
+
+    def _timed_copy(self, shadow: torch.Tensor, blocks: list[int], head: int) -> tuple[torch.Tensor, float]:
+        """The pieces on the device and the transfer's seconds: between two CUDA events around the copy (the work
+        queued before it on the stream does not count), or the wall clock on CPU."""
+        if not self._cuda:
+            start = time.perf_counter()
+            data = self._copy(shadow, blocks, head)
+            return data, time.perf_counter() - start
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        data = self._copy(shadow, blocks, head)
+        end.record()
+        end.synchronize()
+        return data, start.elapsed_time(end) / 1000
 
     def _copy(self, shadow: torch.Tensor, blocks: list[int], head: int) -> torch.Tensor:
         return shadow[torch.tensor(blocks), :, head].to(self.device, non_blocking=True)
