@@ -42,8 +42,9 @@ async def health(channel, timeout=1.0):
 
 async def test_sigterm_drains(tiny_llama, tmp_path):
     port = free_port()
-    process = await spawn(tmp_path / "server.log", "--model", str(tiny_llama), "--port", str(port), "--metrics-port", "-1", "--kv-mode",
-                          "dense", "--drain-delay", "1.5", "--drain-grace", "20", "--num-kv-blocks", "64")
+    process = await spawn(tmp_path / "server.log", "--model", str(tiny_llama), "--port", str(port), "--metrics-port",
+                          "-1", "--kv-mode", "dense", "--drain-delay", "1.5", "--drain-grace", "20", "--num-kv-blocks",
+                          "64")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             deadline = time.monotonic() + 120

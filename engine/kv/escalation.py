@@ -98,9 +98,9 @@ class Ladder:
 
     def _prefetch(self, layer, result, plan, likely) -> None:
         """Groups that escalated, or were accepted with a bound above PREFETCH_MARGIN of their limit (`likely`
-        [Bd, Hkv]), will probably escalate at the next step: start fetching the blocks the ladder would pick among those attention
-        still reads quantized (keys by mass, as rung 2 does; values by sum p eta, as rung 1 does), so that the
-        transfer overlaps the rest of this step."""
+        [Bd, Hkv]), will probably escalate at the next step: start fetching the blocks the ladder would pick among
+        those attention still reads quantized (keys by mass, as rung 2 does; values by sum p eta, as rung 1 does), so
+        that the transfer overlaps the rest of this step."""
         if not self.cache.copy.enabled or plan.view.block_tables.shape[1] == 0:
             return
         view, tier1 = plan.view, self.cache.layers[layer]
@@ -210,10 +210,11 @@ class Ladder:
         real = torch.arange(nb, device=device)[None, :] < num_full[:, None]  # [n, nb]
         tables = view.block_tables[gi]
         v_order, v_count = _by_contribution(torch.where(real[:, None], result.val_contrib[gi, hi, :, :nb], 0.0), need)
-        in_tail = real & (take(self.cache.layers[layer].k_slot, tables).gather(2, hi[:, None, None].expand(-1, nb, 1))[..., 0] < 0)
+        key_slots = take(self.cache.layers[layer].k_slot, tables)  # [n, nb, Hkv]
+        in_tail = real & (key_slots.gather(2, hi[:, None, None].expand(-1, nb, 1))[..., 0] < 0)
         k_order, k_count = _by_mass(result, gi, hi, in_tail, radius[gi, hi], budget * HEADROOM / 2)
-        decided = torch.cat([torch.stack([x.long() for x in (possible, value_only, v_count, k_count)], dim=1), v_order, k_order,
-                             tables], dim=1).tolist()
+        flags = torch.stack([x.long() for x in (possible, value_only, v_count, k_count)], dim=1)
+        decided = torch.cat([flags, v_order, k_order, tables], dim=1).tolist()
         choices = []
         for row in decided:
             ok, values_only, nv, nk = row[:4]
