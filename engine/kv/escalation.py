@@ -103,18 +103,16 @@ class Ladder:
         that the transfer overlaps the rest of this step."""
         if not self.cache.copy.enabled or plan.view.block_tables.shape[1] == 0:
             return
-        view, tier1 = plan.view, self.cache.layers[layer]
-        wanted = {"k": result.rho[..., :-1].amax(dim=2), "v": result.val_contrib[..., :-1].amax(dim=2)}  # [Bd, Hkv, nb]
-        tops = {}
-        for kind, slot in (("k", tier1.k_slot), ("v", tier1.v_slot)):  # what rung 2 (keys) and rung 1 (values) pick
-            quantized = view.full[:, None, :] & (take(slot, view.block_tables) < 0).transpose(1, 2)
-            top = torch.where(quantized, wanted[kind], 0.0).topk(min(PREFETCH_BLOCKS, quantized.shape[-1]), dim=-1)
-            blocks = view.block_tables.gather(1, top.indices.flatten(1)).view_as(top.indices)
-            blocks = torch.where(top.values > 0, blocks, -1)
-            tops[kind] = blocks.tolist()  # [Bd][Hkv][PREFETCH_BLOCKS], -1: nothing worth fetching
+        view, tables = plan.view, plan.view.block_tables
+        # keys by mass (what rung 2 picks), values by sum p eta (rung 1), both kinds at once: [Bd, Hkv, 2, nb]
+        wanted = torch.stack([result.rho[..., :-1].amax(dim=2), result.val_contrib[..., :-1].amax(dim=2)], dim=2)
+        quantized = view.full[:, None, None, :] & (take(self.cache.layers[layer].slots, tables) < 0).permute(0, 2, 3, 1)
+        top = torch.where(quantized, wanted, 0.0).topk(min(PREFETCH_BLOCKS, tables.shape[1]), dim=-1)
+        blocks = tables.gather(1, top.indices.flatten(1)).view_as(top.indices)
+        tops = torch.where(top.values > 0, blocks, -1).tolist()  # [Bd][Hkv][kind][K], -1: nothing worth fetching
         for i, h in likely.nonzero().tolist():
-            for kind, blocks in tops.items():
-                if chosen := [b for b in blocks[i][h] if b >= 0]:
+            for kind, ranked in zip("kv", tops[i][h]):
+                if chosen := [b for b in ranked if b >= 0]:
                     self.cache.prefetch(layer, chosen, h, kind)
 
     def _escalate(self, layer, q, result, plan, batch, scale, radius, tol, over, broken, state):
