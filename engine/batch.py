@@ -28,6 +28,7 @@ class ForwardBatch:
     starts: list[int]  # B: tokens already in the cache before this step
     decode_seqs: torch.Tensor  # [Bd] int64: indices (into B) of sequences with exactly one new token
     decode_rows: torch.Tensor  # [Bd] int64: that token's row in T
+    decode_lens: list[int]  # Bd: their context_lens on the host (attention sizes its gathers without a device sync)
     prefill_seqs: list[int]  # indices (into B) of sequences with more than one new token
     logits_indices: torch.Tensor  # [S] int64: rows of T whose logits are sampled, one per sampling sequence
     sample_ids: list[str]  # S: the request of each sampled row
@@ -49,7 +50,7 @@ def build_forward_batch(output: SchedulerOutput, block_size: int, device: torch.
                         requests: list[Request]) -> ForwardBatch:
     """`requests` are the scheduled requests, in the order of output.scheduled."""
     input_ids, positions, slots, starts, query_starts = [], [], [], [], [0]
-    decode_seqs, decode_rows, prefill_seqs, logits_rows, sample_ids = [], [], [], [], []
+    decode_seqs, decode_rows, decode_lens, prefill_seqs, logits_rows, sample_ids = [], [], [], [], [], []
     for seq, item in enumerate(output.scheduled):
         n = len(item.token_ids)
         input_ids += item.token_ids
@@ -61,6 +62,7 @@ def build_forward_batch(output: SchedulerOutput, block_size: int, device: torch.
         if n == 1:
             decode_seqs.append(seq)
             decode_rows.append(query_starts[-2])
+            decode_lens.append(item.start + 1)
         else:
             prefill_seqs.append(seq)
         if item.sample:
@@ -83,6 +85,7 @@ def build_forward_batch(output: SchedulerOutput, block_size: int, device: torch.
         starts=starts,
         decode_seqs=tensor(decode_seqs),
         decode_rows=tensor(decode_rows),
+        decode_lens=decode_lens,
         prefill_seqs=prefill_seqs,
         logits_indices=tensor(logits_rows),
         sample_ids=sample_ids,

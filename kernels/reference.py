@@ -83,9 +83,8 @@ def paged_attention(q, k_cache, v_cache, batch, scale):
     out = torch.empty_like(q)
     if batch.decode_rows.numel():
         seqs = batch.decode_seqs
-        lengths = [start + 1 for seq, start in enumerate(batch.starts) if batch.query_len(seq) == 1]
         out[batch.decode_rows] = decode_attention(q[batch.decode_rows], k_cache, v_cache, batch.block_tables[seqs],
-                                                  batch.context_lens[seqs], scale, lengths)
+                                                  batch.context_lens[seqs], scale, batch.decode_lens)
     for seq in batch.prefill_seqs:
         lo, hi = batch.query_starts[seq], batch.query_starts[seq + 1]
         length = batch.starts[seq] + hi - lo

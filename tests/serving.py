@@ -12,10 +12,10 @@ import grpc
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from server.app import CertkvServer
-from tests.helpers import TEST_DEVICE
 from server.config import ServerConfig
 from server.pb.certkv.v1 import inference_pb2 as pb
 from server.pb.certkv.v1 import inference_pb2_grpc as pb_grpc
+from tests.helpers import TEST_DEVICE
 
 
 def slow_down(engine: LLMEngine, seconds: float) -> None:

@@ -196,8 +196,7 @@ class Ladder:
         nb = view.block_tables.shape[1]
         if not groups or nb == 0:
             return [None] * len(groups)
-        device = limit.device
-        gi, hi = (torch.tensor(x, device=device) for x in zip(*groups))
+        gi, hi = (torch.tensor(x, device=limit.device) for x in zip(*groups))
         num_full = view.num_full[gi]
         e_val, e_key, e_fp = terms.e_val[gi, hi], terms.e_key[gi, hi], terms.e_fp[gi, hi]  # [n, G]
         budget = limit[gi, hi] - e_fp  # what E_val + E_key may use
@@ -205,8 +204,7 @@ class Ladder:
         value_only = (e_key <= budget * VALUE_ONLY).all(-1)  # rung 1: slack left for the next steps
         need = torch.where(value_only[:, None], e_val - (budget * HEADROOM - e_key).clamp_min(0),
                            e_val - budget * HEADROOM / 2)
-        real = torch.arange(nb, device=device)[None, :] < num_full[:, None]  # [n, nb]
-        tables = view.block_tables[gi]
+        real, tables = view.full[gi], view.block_tables[gi]  # [n, nb]
         v_order, v_count = _by_contribution(torch.where(real[:, None], result.val_contrib[gi, hi, :, :nb], 0.0), need)
         key_slots = take(self.cache.layers[layer].k_slot, tables)  # [n, nb, Hkv]
         in_tail = real & (key_slots.gather(2, hi[:, None, None].expand(-1, nb, 1))[..., 0] < 0)
