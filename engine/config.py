@@ -46,6 +46,9 @@ class EngineConfig:
     k_bits: int = 8
     v_bits: int = 4
     quantizer: str = "minmax"
+    headq_rank: int = 32  # HeadQ (engine/kv/headq.py): query-basis directions with a side code
+    headq_bits: int = 4  # bits of each side-code coordinate
+    headq_basis: str | None = None  # its basis file; None: headq.safetensors in the model's directory
     scratch_blocks: int = 512  # per layer: promoted exact (block, KV head) pieces kept on the device, keys and values each
     shadow_memory: int = 2 << 30  # bytes of tier-2 shadows (host); with kv_cache_memory it caps the number of blocks
     prefetch: bool = True  # tier-2 fetches likely at the next step start early (copy stream / worker thread)
@@ -65,9 +68,9 @@ class EngineConfig:
         _require(self.kv_mode in KV_MODES, "kv_mode", f"must be one of {KV_MODES}")
         _require(self.tolerance >= 0 and self.tolerance == self.tolerance, "tolerance", "must be >= 0")
         try:
-            make_quantizer(self.quantizer, self.k_bits, self.v_bits)
+            make_quantizer(self.quantizer, self.k_bits, self.v_bits, rank=self.headq_rank, side_bits=self.headq_bits)
         except ValueError as e:
-            raise ValueError(f"EngineConfig.quantizer/k_bits/v_bits: {e}") from None
+            raise ValueError(f"EngineConfig.quantizer/k_bits/v_bits/headq_rank/headq_bits: {e}") from None
         _require(self.scratch_blocks > 0, "scratch_blocks", "must be positive")
         _require(self.prefetch_blocks > 0, "prefetch_blocks", "must be positive")
         _require(self.shadow_memory > 0, "shadow_memory", "must be positive")

@@ -70,7 +70,8 @@ def summarize(engine, policy, windows, nll, kl_sum, scored, stats: list[Certific
     hist = [sum(s.ratio_hist[b] for s in stats) for b in range(len(stats[0].ratio_hist))] if stats else []
     return {
         "mode": policy.mode.value, "tolerance": policy.tolerance if certifying else None,
-        "quantizer": config.quantizer, "k_bits": config.k_bits, "v_bits": config.v_bits,
+        "quantizer": config.quantizer + (f" r{config.headq_rank}x{config.headq_bits}" if "headq" in config.quantizer
+                                         else ""), "k_bits": config.k_bits, "v_bits": config.v_bits,
         "windows": len(windows), "window": len(windows[0]), "tokens_scored": scored,
         "ppl": math.exp(nll["mode"] / scored), "ppl_dense": math.exp(nll["dense"] / scored),
         "ppl_delta_pct": 100 * (math.exp((nll["mode"] - nll["dense"]) / scored) - 1),
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k-bits", type=int, default=8, choices=KEY_BITS)
     p.add_argument("--v-bits", type=int, default=4, choices=VALUE_BITS)
     p.add_argument("--quantizer", default="minmax")
+    p.add_argument("--headq-rank", type=int, default=32)
+    p.add_argument("--headq-bits", type=int, default=4)
+    p.add_argument("--headq-basis", default=None)
     p.add_argument("--scratch-blocks", type=int, default=32,
                    help="scratch pieces per layer; keep it small against the windows, or everything stays exact")
     p.add_argument("--threads", type=int, default=None)
@@ -114,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {} if args.tolerance is None else {"tolerance": args.tolerance}
     config = EngineConfig(model=args.model, kv_mode=args.kv_mode, k_bits=args.k_bits, v_bits=args.v_bits,
                           quantizer=args.quantizer, threads=args.threads, max_num_seqs=64,
+                          headq_rank=args.headq_rank, headq_bits=args.headq_bits, headq_basis=args.headq_basis,
                           scratch_blocks=args.scratch_blocks,
                           max_num_batched_tokens=4096, **overrides)
     engine = LLMEngine(config)

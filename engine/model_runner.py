@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
@@ -12,8 +13,9 @@ from engine.attention import ATTN_IMPLEMENTATION, register
 from engine.batch import ForwardBatch, build_forward_batch
 from engine.config import EngineConfig, ModelSpec
 from engine.faults import NO_FAULTS, FaultPlan
+from engine.kv.headq import BASIS_FILE, load_basis
 from engine.kv.paged import PagedKVCache
-from engine.kv.quantizers import make_quantizer
+from engine.kv.quantizers import Quantizer, make_quantizer
 from engine.kv.tiers import TieredKVCache
 from engine.request import Request
 from engine.scheduler import SchedulerOutput
@@ -76,7 +78,7 @@ class ModelRunner:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        path = resolve_model(config.model)
+        path = self.path = resolve_model(config.model)
         self.tokenizer = load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, attn_implementation=ATTN_IMPLEMENTATION)
         self.model = model.to(self.device).eval()
@@ -110,7 +112,8 @@ class ModelRunner:
         dense = PagedKVCache.bytes_per_block(layers, config.block_size, kv_heads, head_dim, self.dtype)
         if not config.tiered:
             return config.kv_cache_memory // dense
-        quantizer = make_quantizer(config.quantizer, config.k_bits, config.v_bits)
+        quantizer = make_quantizer(config.quantizer, config.k_bits, config.v_bits, rank=config.headq_rank,
+                                   side_bits=config.headq_bits)
         tier1 = layers * kv_heads * config.block_size * TieredKVCache.tier1_bytes(quantizer, head_dim, config.block_size)
         return int(min(config.kv_cache_memory // tier1, config.shadow_memory // dense))
 
@@ -122,9 +125,19 @@ class ModelRunner:
         if spec.head_dim % 16:
             raise ValueError(f"model: head_dim {spec.head_dim} is not a multiple of 16 (value groups)")
         return TieredKVCache(spec.num_layers, spec.num_kv_blocks, config.block_size, spec.num_kv_heads, spec.head_dim,
-                             self.dtype, self.device, make_quantizer(config.quantizer, config.k_bits, config.v_bits),
-                             config.max_num_seqs, config.scratch_blocks, config.prefetch, self.faults,
+                             self.dtype, self.device, self._quantizer(config), config.max_num_seqs, config.scratch_blocks, config.prefetch, self.faults,
                              prefetch_blocks=config.prefetch_blocks)
+
+    def _quantizer(self, config: EngineConfig) -> Quantizer:
+        """The tier-1 quantizer; HeadQ's query basis is loaded here (a missing or mismatched file fails the start)."""
+        basis = None
+        if "headq" in config.quantizer.split("/"):
+            path = Path(config.headq_basis) if config.headq_basis else self.path / BASIS_FILE
+            spec = self.spec
+            basis = load_basis(path, spec.num_layers, spec.num_kv_heads, spec.head_dim, config.headq_rank)
+            basis = basis.to(self.device)
+        return make_quantizer(config.quantizer, config.k_bits, config.v_bits, rank=config.headq_rank,
+                              side_bits=config.headq_bits, basis=basis)
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, requests: list[Request]) -> tuple[ForwardBatch, torch.Tensor]:

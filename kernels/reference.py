@@ -271,8 +271,8 @@ def finish_decode(acc: DecodeAccumulators, q, layer: QuantizedLayer, view: Decod
     value_scale = acc.value_max.amax(dim=-1, keepdim=True)  # [Bd, Hkv, 1]
     block_notes = take(layer.block_notes, view.block_tables).transpose(1, 2)  # [Bd, Hkv, nb, 2]
     block_delta, score_error = _key_terms(quantizer, q.float().view(batch, kv_heads, groups, dim), acc.key_dots,
-                                          block_notes, in_tail, slots[..., 0] >= 0, layer.tail_k[view.slots], view,
-                                          scale)
+                                          block_notes, (layer.k_scale, layer.k_zero), in_tail, slots[..., 0] >= 0,
+                                          layer.tail_k[view.slots], view, scale)
     mask = in_tail[:, :, None].float()
     return DecodeResult(
         out=acc.out, rho=rho, val_contrib=val_contrib, dev_contrib=dev_contrib, block_delta=block_delta, e_val=e_val,
@@ -307,7 +307,7 @@ def _token_terms(stored, value_quant, tail_v, view):
     return terms
 
 
-def _key_terms(quantizer, grouped, key_dots, block_notes, in_tail, promoted, tail_k, view, scale):
+def _key_terms(quantizer, grouped, key_dots, block_notes, key_meta, in_tail, promoted, tail_k, view, scale):
     """(Delta_b per block [Bd, Hkv, G, nb], the float32 score error bound [Bd, Hkv, G]) from the metadata: the
     contractions of |q| with each block's scales and |zeros| give sum_c |q_c| step_c (Delta's channel form) and a
     bound of sum_c |q_c| |k^_jc|; exact keys of promoted blocks obey |k_jc| <= |k^_jc| + kappa_b step_c. The score
@@ -318,7 +318,11 @@ def _key_terms(quantizer, grouped, key_dots, block_notes, in_tail, promoted, tai
     step_dot, magnitude = quantizer.key_dots(key_dots[..., 0], key_dots[..., 1], q_abs.sum(dim=-1, keepdim=True))
     eps, kappa = block_notes[..., 0][:, :, None], block_notes[..., 1][:, :, None]
     q_norm = grouped.norm(dim=-1)
-    block_delta = torch.where(in_tail[:, :, None], block_deltas(q_norm[..., None], eps, step_dot, kappa, scale), 0.0)
+    block_delta = block_deltas(q_norm[..., None], eps, step_dot, kappa, scale)
+    subspace = quantizer.key_deltas(grouped, *key_meta, view.block_tables, eps, kappa, scale)
+    if subspace is not None:
+        block_delta = torch.minimum(block_delta, subspace)
+    block_delta = torch.where(in_tail[:, :, None], block_delta, 0.0)
     magnitude = magnitude + torch.nan_to_num(kappa * step_dot, nan=torch.inf) * promoted.transpose(1, 2)[:, :, None]
     magnitude = torch.where(view.full[:, None, None, :], magnitude, 0.0)
     partial = view.valid[:, -tail_k.shape[1]:][:, None, :]  # [Bd, 1, bs]

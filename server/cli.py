@@ -71,7 +71,12 @@ def _kv(p: argparse.ArgumentParser) -> None:
     kv.add_argument("--k-bits", type=int, choices=KEY_BITS, default=8)
     kv.add_argument("--v-bits", type=int, choices=VALUE_BITS, default=4)
     kv.add_argument("--quantizer", default="minmax",
-                    help="tier-1 codes: minmax, hadamard, or KEYS/VALUES such as minmax/hadamard (engine/kv/quantizers.py)")
+                    help="tier-1 codes: minmax, minmax-fp8, hadamard, headq, or KEYS/VALUES such as "
+                         "minmax-fp8/hadamard (engine/kv/quantizers.py, engine/kv/headq.py)")
+    kv.add_argument("--headq-rank", type=int, default=32, help="headq: query-basis directions with a side code")
+    kv.add_argument("--headq-bits", type=int, default=4, help="headq: bits of each side-code coordinate")
+    kv.add_argument("--headq-basis", default=None,
+                    help="headq: the basis from `python -m engine.calibrate` (default: headq.safetensors beside the model)")
     kv.add_argument("--scratch-blocks", type=int, default=512,
                     help="promoted exact (block, KV head) pieces kept on the device per layer, keys and values each")
     kv.add_argument("--shadow-memory", type=parse_bytes, default="2GiB",
@@ -133,6 +138,7 @@ def configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig, Telem
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         max_new_tokens_default=args.max_new_tokens_default, threads=args.threads, kv_mode=args.kv_mode,
         tolerance=args.tolerance, k_bits=args.k_bits, v_bits=args.v_bits, quantizer=args.quantizer,
+        headq_rank=args.headq_rank, headq_bits=args.headq_bits, headq_basis=args.headq_basis,
         scratch_blocks=args.scratch_blocks, shadow_memory=args.shadow_memory, prefetch=not args.no_prefetch,
         prefetch_blocks=args.prefetch_blocks)
     telemetry = TelemetryConfig(trace_exporter=args.trace_exporter, otlp_endpoint=args.otlp_endpoint,

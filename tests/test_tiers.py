@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from engine.batch import build_forward_batch
 from engine.kv.escalation import check
-from engine.kv.quantizers import MinMaxQuantizer, error_norms, make_quantizer
+from engine.kv.quantizers import Codes, MinMaxQuantizer, error_norms, make_quantizer
 from engine.kv.scratch import Scratch
 from engine.kv.tiers import TieredKVCache
 from engine.request import KVMode, KVPolicy, Request, SamplingParams, StoppingParams
@@ -28,8 +28,10 @@ class Harness:
     """One layer of a TieredKVCache, fed sequence by sequence with known exact K/V."""
 
     def __init__(self, k_bits=4, v_bits=2, num_blocks=64, max_seqs=4, scratch=32, seed=0, quantizer="minmax"):
+        basis = torch.linalg.qr(torch.randn(1, HKV, D, D, generator=torch.Generator().manual_seed(seed)))[0]
         self.cache = TieredKVCache(1, num_blocks, BS, HKV, D, torch.float32, torch.device("cpu"),
-                                   make_quantizer(quantizer, k_bits, v_bits), max_seqs, scratch)
+                                   make_quantizer(quantizer, k_bits, v_bits, rank=16, basis=basis[..., :16]),
+                                   max_seqs, scratch)
         self.gen = torch.Generator().manual_seed(seed)
         self.keys: dict[str, torch.Tensor] = {}
         self.values: dict[str, torch.Tensor] = {}
@@ -85,7 +87,8 @@ def random_kv(gen, n, kind="random"):
 @given(seed=st.integers(0, 2**31), lengths=st.lists(st.sampled_from([1, 15, 16, 17, 40, 100]), min_size=1,
                                                       max_size=3),
        bits=st.sampled_from([(8, 4), (4, 4), (4, 2), (5, 3), (6, 2)]),
-       quantizer=st.sampled_from(["minmax", "hadamard", "minmax/hadamard", "minmax-fp8", "minmax-fp8/hadamard"]),
+       quantizer=st.sampled_from(["minmax", "hadamard", "minmax/hadamard", "minmax-fp8", "minmax-fp8/hadamard",
+                                  "headq", "headq/hadamard"]),
        kind=st.sampled_from(["random", "outlier", "sink", "offset"]))
 def test_bound_holds_on_the_real_write_path(seed, lengths, bits, quantizer, kind):
     """Every quantizer: the certificate only reads annotations measured against its own dequantization."""
@@ -96,7 +99,7 @@ def test_bound_holds_on_the_real_write_path(seed, lengths, bits, quantizer, kind
         q = torch.randn(len(rids), HKV * G, D, generator=h.gen) * 3
         batch, _ = h.step({rid: random_kv(h.gen, 1, kind) for rid in rids}, KVPolicy(KVMode.AUDIT, 0.05), q=q)
         plan = batch.cache_meta
-        result = certified_decode(q, h.cache.layers[0], plan.view, D ** -0.5, h.cache.quantizer)
+        result = certified_decode(q, h.cache.layers[0], plan.view, D ** -0.5, h.cache.quantizers[0])
         radius = h.cache.radius[0][plan.view.slots]
         bound, _ = check(result, radius, plan.tolerance[:, None, None])
         for i, rid in enumerate(rids):
@@ -111,7 +114,7 @@ def test_write_path_stores_what_attention_reads():
     h.step({"a": random_kv(h.gen, 37), "b": random_kv(h.gen, 5)}, KVPolicy(KVMode.CERTIFIED, 0.05))
     for n in (1, 1, 20, 1):  # decodes and a chunk crossing block boundaries
         h.step({"a": random_kv(h.gen, n), "b": random_kv(h.gen, n)}, KVPolicy(KVMode.CERTIFIED, 0.05))
-    layer, cache, quant = h.cache.layers[0], h.cache, h.cache.quantizer
+    layer, cache, quant = h.cache.layers[0], h.cache, h.cache.quantizers[0]
     for rid in ("a", "b"):
         k, v, table = h.keys[rid], h.values[rid], h.tables[rid]
         full = len(k) // BS
@@ -220,7 +223,7 @@ def test_tier1_bytes_per_token_meet_the_promise():
             assert TieredKVCache.tier1_bytes(quant, head_dim, 16) / fp16 <= limit, (bits, head_dim)
 
 
-@pytest.mark.parametrize("quantizer", ["minmax", "hadamard", "minmax-fp8"])
+@pytest.mark.parametrize("quantizer", ["minmax", "hadamard", "minmax-fp8", "headq"])
 @pytest.mark.parametrize("mode", [KVMode.QUANTIZED, KVMode.CERTIFIED])
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 33])
 def test_twin_equals_brute_force(n, mode, quantizer):
@@ -231,12 +234,12 @@ def test_twin_equals_brute_force(n, mode, quantizer):
     h.step({"a": random_kv(h.gen, n)}, policy)
     q = torch.randn(1, HKV * G, D, generator=h.gen)
     batch, out = h.step({"a": random_kv(h.gen, 1)}, policy, q=q)
-    layer, quant, length = h.cache.layers[0], h.cache.quantizer, n + 1
+    layer, quant, length = h.cache.layers[0], h.cache.quantizers[0], n + 1
     full = length // BS
     keys, values = h.keys["a"].clone(), h.values["a"].clone()
     for b, block in enumerate(h.tables["a"][:full]):  # quantized blocks read their codes, held ones stay exact
         sl = slice(b * BS, (b + 1) * BS)
-        codes = type(quant.quantize_keys(keys[sl][None]))
+        codes = Codes
         deq_k = quant.dequantize_keys(codes(layer.k_codes[block], layer.k_scale[block], layer.k_zero[block]))
         deq_v = quant.dequantize_values(codes(layer.v_codes[block], layer.v_scale[block], layer.v_zero[block]))
         uses = mode is not KVMode.QUANTIZED

@@ -156,7 +156,7 @@ class Ladder:
         seqs = sorted({i for i, _ in planned})
         index = torch.tensor(seqs, device=q.device)
         sub = view.select(index)
-        result = certified_decode(q[index], self.cache.layers[layer], sub, scale, self.cache.quantizer)
+        result = certified_decode(q[index], self.cache.layers[layer], sub, scale, self.cache.quantizers[layer])
         new_bound, new_limit = check(result, radius[index], tol[index])
         failed = set()
         for (i, h), level in planned.items():

@@ -40,7 +40,9 @@ class Quantizer(Protocol):
     key_scale_dtype: torch.dtype  # of Codes.scale (zeros are float16)
     value_scale_dtype: torch.dtype
 
+    def for_layer(self, layer: int) -> Quantizer: ...  # the quantizer of one layer (HeadQ: its basis)
     def key_meta(self, block_size: int, dim: int) -> tuple[tuple[int, ...], tuple[int, ...]]: ...
+    def key_width(self, dim: int) -> int: ...  # bytes of key codes per token
     def value_meta(self, dim: int) -> tuple[int, int]: ...
     def quantize_keys(self, k: torch.Tensor) -> Codes: ...
     def dequantize_keys(self, c: Codes) -> torch.Tensor: ...
@@ -49,6 +51,7 @@ class Quantizer(Protocol):
     def key_step(self, c: Codes, dim: int) -> torch.Tensor: ...
     def key_contractions(self, q_abs, scale, zero) -> torch.Tensor: ...
     def key_dots(self, first, second, q_abs_sum) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def key_deltas(self, grouped, scale, zero, tables, eps, kappa, tau: float) -> torch.Tensor | None: ...  # 3rd form
     def key_bytes(self, dim: int, block_size: int) -> float: ...
     def value_bytes(self, dim: int) -> float: ...
 
@@ -116,8 +119,14 @@ class MinMaxQuantizer:
         self.k_bits, self.v_bits = k_bits, v_bits
         self.triton = k_bits in (4, 8) and v_bits in (2, 4) and self.key_scale_dtype == META_DTYPE
 
+    def for_layer(self, layer: int) -> MinMaxQuantizer:
+        return self
+
     def key_meta(self, block_size: int, dim: int):
         return (dim,), (dim,)
+
+    def key_width(self, dim: int) -> int:
+        return dim * self.k_bits // 8
 
     def value_meta(self, dim: int) -> tuple[int, int]:
         return dim // VALUE_GROUP, dim // VALUE_GROUP
@@ -158,6 +167,9 @@ class MinMaxQuantizer:
         step_dot = zero_dot * 2**-10 + scale_dot + q_abs_sum * 2**-24
         magnitude = (zero_dot + ((1 << self.k_bits) - 1) * scale_dot) * (1 + 2**-20)
         return step_dot * (1 + 2**-20), magnitude
+
+    def key_deltas(self, grouped, scale, zero, tables, eps, kappa, tau: float) -> None:
+        return None  # Delta_b's two forms (engine.kv.certificate.block_deltas) are all min-max offers
 
     def quantize_values(self, v: torch.Tensor) -> Codes:
         v = v.float()
@@ -278,8 +290,14 @@ class HadamardQuantizer:
         self.k_bits, self.v_bits = k_bits, v_bits
         self._key_peak = float(lloyd_max(k_bits).abs().max())  # the largest |level|
 
+    def for_layer(self, layer: int) -> HadamardQuantizer:
+        return self
+
     def key_meta(self, block_size: int, dim: int):
         return (block_size, 1), (block_size, 0)
+
+    def key_width(self, dim: int) -> int:
+        return dim * self.k_bits // 8
 
     def value_meta(self, dim: int) -> tuple[int, int]:
         return 1, 0
@@ -329,6 +347,9 @@ class HadamardQuantizer:
         """(sum_c |q_c| step_c with the unit step, a bound of sum_c |q_c| |k^_jc| <= ||q||_1 max_c |k^_jc|)."""
         return l1 * (1 + 2**-20), l1 * largest * (1 + 2**-20)
 
+    def key_deltas(self, grouped, scale, zero, tables, eps, kappa, tau: float) -> None:
+        return None
+
     def key_bytes(self, dim: int, block_size: int) -> float:
         return dim * self.k_bits / 8 + META_DTYPE.itemsize
 
@@ -346,8 +367,14 @@ class PairedQuantizer:
         self.key_scale_dtype, self.value_scale_dtype = keys.key_scale_dtype, values.value_scale_dtype
         self.triton = False
 
+    def for_layer(self, layer: int) -> PairedQuantizer:
+        return PairedQuantizer(self.keys.for_layer(layer), self.values.for_layer(layer))
+
     def key_meta(self, block_size: int, dim: int):
         return self.keys.key_meta(block_size, dim)
+
+    def key_width(self, dim: int) -> int:
+        return self.keys.key_width(dim)
 
     def value_meta(self, dim: int) -> tuple[int, int]:
         return self.values.value_meta(dim)
@@ -373,6 +400,9 @@ class PairedQuantizer:
     def key_dots(self, first, second, q_abs_sum):
         return self.keys.key_dots(first, second, q_abs_sum)
 
+    def key_deltas(self, grouped, scale, zero, tables, eps, kappa, tau: float):
+        return self.keys.key_deltas(grouped, scale, zero, tables, eps, kappa, tau)
+
     def key_bytes(self, dim: int, block_size: int) -> float:
         return self.keys.key_bytes(dim, block_size)
 
@@ -380,15 +410,20 @@ class PairedQuantizer:
         return self.values.value_bytes(dim)
 
 
-QUANTIZERS = {"minmax": MinMaxQuantizer, "minmax-fp8": CompactMinMaxQuantizer, "hadamard": HadamardQuantizer}
+QUANTIZERS = ("minmax", "minmax-fp8", "hadamard", "headq")
 
 
-def make_quantizer(name: str, k_bits: int, v_bits: int) -> Quantizer:
-    """`NAME` for keys and values, or `KEYS/VALUES` (each of QUANTIZERS); ValueError for unknown names or bits."""
+def make_quantizer(name: str, k_bits: int, v_bits: int, **headq) -> Quantizer:
+    """`NAME` for keys and values, or `KEYS/VALUES` (each of QUANTIZERS); ValueError for unknown names or bits.
+    `headq` keywords (rank, side_bits, basis) reach engine.kv.headq.HeadQQuantizer."""
+    from engine.kv.headq import HeadQQuantizer  # it builds on the quantizers here
+
+    kinds = {"minmax": MinMaxQuantizer, "minmax-fp8": CompactMinMaxQuantizer, "hadamard": HadamardQuantizer,
+             "headq": lambda k_bits=8, v_bits=4: HeadQQuantizer(k_bits, v_bits, **headq)}
     names = name.split("/")
-    if len(names) > 2 or any(n not in QUANTIZERS for n in names):
+    if len(names) > 2 or any(n not in kinds for n in names):
         raise ValueError(f"unknown quantizer {name!r} (available: {', '.join(QUANTIZERS)}, or KEYS/VALUES of them)")
     if len(names) == 1:
-        return QUANTIZERS[name](k_bits, v_bits)
-    keys, values = (QUANTIZERS[n] for n in names)  # each half built with the other half's default bits
+        return kinds[name](k_bits, v_bits)
+    keys, values = (kinds[n] for n in names)  # each half built with the other half's default bits
     return PairedQuantizer(keys(k_bits=k_bits), values(v_bits=v_bits))

@@ -87,6 +87,7 @@ class TieredKVCache:
                  dtype: torch.dtype, device: torch.device, quantizer: Quantizer, max_seqs: int, scratch_blocks: int,
                  prefetch: bool = True, faults: FaultPlan = NO_FAULTS, prefetch_blocks: int = 512):
         self.quantizer = quantizer
+        self.quantizers = [quantizer.for_layer(i) for i in range(num_layers)]  # HeadQ: each layer its own basis
         self.block_size, self.kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
         self.num_blocks, self.dtype, self.device = num_blocks, dtype, device
         self.shadow_device = torch.device("cpu")
@@ -114,14 +115,14 @@ class TieredKVCache:
 
     def _tier1(self, layer: int, max_seqs: int) -> QuantizedLayer:
         nb, h, bs, d = self.num_blocks, self.kv_heads, self.block_size, self.head_dim
-        q, dev, scratch = self.quantizer, self.device, self.scratch[layer]
+        q, dev, scratch = self.quantizers[layer], self.device, self.scratch[layer]
 
         def zeros(*shape, dtype=torch.float16):
             return torch.zeros(shape, dtype=dtype, device=dev)
 
         (k_scale, k_zero), (v_scale, v_zero) = q.key_meta(bs, d), q.value_meta(d)
         return QuantizedLayer(
-            k_codes=zeros(nb, h, bs, d * q.k_bits // 8, dtype=torch.uint8),
+            k_codes=zeros(nb, h, bs, q.key_width(d), dtype=torch.uint8),
             k_scale=zeros(nb, h, *k_scale, dtype=q.key_scale_dtype), k_zero=zeros(nb, h, *k_zero),
             v_codes=zeros(nb, h, bs, d * q.v_bits // 8, dtype=torch.uint8),
             v_scale=zeros(nb, h, bs, v_scale, dtype=q.value_scale_dtype), v_zero=zeros(nb, h, bs, v_zero),
@@ -269,7 +270,7 @@ class TieredKVCache:
         return decode_attention(q, keys, values, tables, lens, scale)
 
     def _quantized_decode(self, layer, q, plan: StepPlan, batch, scale):
-        result = certified_decode(q, self.layers[layer], plan.view, scale, self.quantizer)
+        result = certified_decode(q, self.layers[layer], plan.view, scale, self.quantizers[layer])
         view = plan.view
         self.scratch[layer].touch(view.block_tables, view.full, result.rho[..., :-1].amax(dim=2).transpose(1, 2))
         out = self.ladder.run(layer, q, result, plan, batch, scale)
@@ -296,7 +297,7 @@ class TieredKVCache:
 
     def _quantize(self, layer: int, blocks: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """keys, values [N, Hkv, bs, D] exact -> codes, metadata and measured error norms of `blocks`."""
-        tier1, q = self.layers[layer], self.quantizer
+        tier1, q = self.layers[layer], self.quantizers[layer]
         self.checksums[layer][blocks.to(self.shadow_device)] = _checksum(keys, values).to(self.shadow_device)
         written = quantize_blocks(keys, values, q)
         k_codes, v_codes = written.keys, written.values
