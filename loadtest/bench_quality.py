@@ -44,7 +44,9 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=1024)
     parser.add_argument("--configs", nargs="+", default=["minmax:8/4", "minmax:4/4", "minmax:4/2"],
-                        help="QUANTIZER:K/V, e.g. minmax/hadamard:5/2 (engine/kv/quantizers.py)")
+                        help="QUANTIZER:K/V[:RANKxBITS], e.g. minmax/hadamard:5/2 or headq/hadamard:4/2:32x4 "
+                             "(engine/kv/quantizers.py, engine/kv/headq.py)")
+    parser.add_argument("--headq-basis", help="default: headq.safetensors beside the model (python -m engine.calibrate)")
     parser.add_argument("--tolerances", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--scratch-blocks", type=int, default=16,
@@ -59,10 +61,12 @@ def main() -> None:
 
     rows = []
     for spec in args.configs:
-        quantizer, bits = spec.rsplit(":", 1)
+        quantizer, bits, *side = spec.split(":")
         k_bits, v_bits = (int(b) for b in bits.split("/"))
+        rank, side_bits = (int(x) for x in (side[0] if side else "32x4").split("x"))
         engine = LLMEngine(EngineConfig(model=args.model, kv_mode="audit", quantizer=quantizer, k_bits=k_bits,
-                                        v_bits=v_bits, threads=args.threads, max_num_seqs=64,
+                                        v_bits=v_bits, threads=args.threads, max_num_seqs=64, headq_rank=rank,
+                                        headq_bits=side_bits, headq_basis=args.headq_basis,
                                         max_num_batched_tokens=4096, scratch_blocks=args.scratch_blocks))
         tokens = engine.tokenizer(args.text.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
         windows = windows_of(tokens, args.window, args.max_tokens)
