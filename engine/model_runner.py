@@ -112,9 +112,8 @@ class ModelRunner:
         dense = PagedKVCache.bytes_per_block(layers, config.block_size, kv_heads, head_dim, self.dtype)
         if not config.tiered:
             return config.kv_cache_memory // dense
-        quantizer = make_quantizer(config.quantizer, config.k_bits, config.v_bits, rank=config.headq_rank,
-                                   side_bits=config.headq_bits)
-        tier1 = layers * kv_heads * config.block_size * TieredKVCache.tier1_bytes(quantizer, head_dim, config.block_size)
+        tier1 = TieredKVCache.tier1_bytes(self._quantizer(config), head_dim, config.block_size)
+        tier1 = layers * kv_heads * config.block_size * tier1
         return int(min(config.kv_cache_memory // tier1, config.shadow_memory // dense))
 
     def _build_cache(self, config: EngineConfig):
@@ -125,19 +124,23 @@ class ModelRunner:
         if spec.head_dim % 16:
             raise ValueError(f"model: head_dim {spec.head_dim} is not a multiple of 16 (value groups)")
         return TieredKVCache(spec.num_layers, spec.num_kv_blocks, config.block_size, spec.num_kv_heads, spec.head_dim,
-                             self.dtype, self.device, self._quantizer(config), config.max_num_seqs, config.scratch_blocks, config.prefetch, self.faults,
+                             self.dtype, self.device, self._quantizer(config, self._headq_basis(config)),
+                             config.max_num_seqs, config.scratch_blocks, config.prefetch, self.faults,
                              prefetch_blocks=config.prefetch_blocks)
 
-    def _quantizer(self, config: EngineConfig) -> Quantizer:
-        """The tier-1 quantizer; HeadQ's query basis is loaded here (a missing or mismatched file fails the start)."""
-        basis = None
-        if "headq" in config.quantizer.split("/"):
-            path = Path(config.headq_basis) if config.headq_basis else self.path / BASIS_FILE
-            spec = self.spec
-            basis = load_basis(path, spec.num_layers, spec.num_kv_heads, spec.head_dim, config.headq_rank)
-            basis = basis.to(self.device)
+    @staticmethod
+    def _quantizer(config: EngineConfig, basis: torch.Tensor | None = None) -> Quantizer:
         return make_quantizer(config.quantizer, config.k_bits, config.v_bits, rank=config.headq_rank,
                               side_bits=config.headq_bits, basis=basis)
+
+    def _headq_basis(self, config: EngineConfig) -> torch.Tensor | None:
+        """HeadQ's query basis on the device (None for other quantizers); a missing or mismatched file fails the
+        start."""
+        if "headq" not in config.quantizer.split("/"):
+            return None
+        path = Path(config.headq_basis) if config.headq_basis else self.path / BASIS_FILE
+        spec = self.spec
+        return load_basis(path, spec.num_layers, spec.num_kv_heads, spec.head_dim, config.headq_rank).to(self.device)
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, requests: list[Request]) -> tuple[ForwardBatch, torch.Tensor]:

@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["minmax:8/4", "minmax:4/4", "minmax:4/2"],
                         help="QUANTIZER:K/V[:RANKxBITS], e.g. minmax/hadamard:5/2 or headq/hadamard:4/2:32x4 "
                              "(engine/kv/quantizers.py, engine/kv/headq.py)")
-    parser.add_argument("--headq-basis", help="default: headq.safetensors beside the model (python -m engine.calibrate)")
+    parser.add_argument("--headq-basis",
+                        help="default: headq.safetensors beside the model (python -m engine.calibrate)")
     parser.add_argument("--tolerances", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--scratch-blocks", type=int, default=16,

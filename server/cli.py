@@ -76,7 +76,8 @@ def _kv(p: argparse.ArgumentParser) -> None:
     kv.add_argument("--headq-rank", type=int, default=32, help="headq: query-basis directions with a side code")
     kv.add_argument("--headq-bits", type=int, default=4, help="headq: bits of each side-code coordinate")
     kv.add_argument("--headq-basis", default=None,
-                    help="headq: the basis from `python -m engine.calibrate` (default: headq.safetensors beside the model)")
+                    help="headq: the basis `python -m engine.calibrate` wrote (default: headq.safetensors beside "
+                         "the model)")
     kv.add_argument("--scratch-blocks", type=int, default=512,
                     help="promoted exact (block, KV head) pieces kept on the device per layer, keys and values each")
     kv.add_argument("--shadow-memory", type=parse_bytes, default="2GiB",

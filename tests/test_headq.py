@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 
 from engine import calibrate
 from engine.kv.headq import eigenbasis, load_basis
@@ -38,12 +39,11 @@ def random_basis(layers=1, rank=16, seed=0):
     return q[..., :rank].float().contiguous()
 
 
-def test_calibration_learns_where_the_queries_are(default_model, calibrated, capsys):
+def test_calibration_learns_where_the_queries_are(calibrated):
     basis = load_basis(calibrated, 30, 3, 64, 16)  # SmolLM2-135M: 30 layers, 3 KV heads, head dim 64
     assert basis.shape == (30, 3, 64, 16)
     gram = basis.double().transpose(-1, -2) @ basis.double()
     assert torch.allclose(gram, torch.eye(16, dtype=torch.float64).expand_as(gram), atol=1e-6)
-    from safetensors.torch import load_file
     energy = load_file(str(calibrated))["energy"]
     assert (energy.diff(dim=-1) >= -1e-6).all() and torch.allclose(energy[..., -1], torch.ones(()))
     assert float(energy[..., 15].median()) > 0.5  # a random 16 of 64 directions would keep 0.25

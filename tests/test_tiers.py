@@ -239,9 +239,8 @@ def test_twin_equals_brute_force(n, mode, quantizer):
     keys, values = h.keys["a"].clone(), h.values["a"].clone()
     for b, block in enumerate(h.tables["a"][:full]):  # quantized blocks read their codes, held ones stay exact
         sl = slice(b * BS, (b + 1) * BS)
-        codes = Codes
-        deq_k = quant.dequantize_keys(codes(layer.k_codes[block], layer.k_scale[block], layer.k_zero[block]))
-        deq_v = quant.dequantize_values(codes(layer.v_codes[block], layer.v_scale[block], layer.v_zero[block]))
+        deq_k = quant.dequantize_keys(Codes(layer.k_codes[block], layer.k_scale[block], layer.k_zero[block]))
+        deq_v = quant.dequantize_values(Codes(layer.v_codes[block], layer.v_scale[block], layer.v_zero[block]))
         uses = mode is not KVMode.QUANTIZED
         held_k, held_v = (layer.k_slot[block] >= 0) & uses, (layer.v_slot[block] >= 0) & uses  # [Hkv]
         keys[sl] = torch.where(held_k[None, :, None], keys[sl], deq_k.transpose(0, 1))

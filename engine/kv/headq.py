@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.kv.quantizers import META_DTYPE, Codes, CompactMinMaxQuantizer, pack, round_up, unpack
+from kernels.reference import take
 
 BASIS_FILE = "headq.safetensors"  # next to the model's weights
 RANKS, SIDE_BITS = (8, 16, 24, 32, 40, 48), (2, 3, 4, 8)
@@ -46,8 +47,8 @@ class HeadQQuantizer(CompactMinMaxQuantizer):
         super().__init__(k_bits, v_bits)
         if rank not in RANKS or side_bits not in SIDE_BITS:
             raise ValueError(f"quantizer headq: rank must be one of {RANKS}, side bits one of {SIDE_BITS}")
-        self.rank, self.side_bits, self.basis, self.layer = rank, side_bits, basis, layer
-        self.u = None if layer is None else basis[layer]  # [Hkv, D, r]
+        self.rank, self.side_bits, self.basis = rank, side_bits, basis
+        self.u = None if layer is None else basis[layer]  # [Hkv, D, r], on the cache's device
         self._levels = (1 << (side_bits - 1)) - 1  # codes -L..L around the offset L + 1
 
     def for_layer(self, layer: int) -> HeadQQuantizer:
@@ -69,21 +70,21 @@ class HeadQQuantizer(CompactMinMaxQuantizer):
         bs = c.codes.shape[-2]
         side = unpack(c.codes[..., dim * self.k_bits // 8:], self.side_bits).float() - (self._levels + 1)
         side = side.mul_(c.zero[..., dim:dim + bs, None].float())
-        return torch.matmul(side, self.u.to(side.device).transpose(-1, -2))
+        return torch.matmul(side, self.u.transpose(-1, -2))
 
     def quantize_keys(self, k: torch.Tensor) -> Codes:
         """k [N, Hkv, bs, D] -> base codes, side codes and the subspace annotations of the effective keys."""
         k, dim = k.float(), k.shape[-1]
-        base = super().quantize_keys(k)
-        u = self.u.to(k.device)
-        coords = torch.matmul(k - super().dequantize_keys(base), u)  # [N, Hkv, bs, r]
+        base, u = super().quantize_keys(k), self.u
+        base_keys = super().dequantize_keys(base)
+        coords = torch.matmul(k - base_keys, u)  # [N, Hkv, bs, r]
         side_scale = (coords.abs().amax(dim=-1) / self._levels).to(META_DTYPE)
         step = side_scale.float().clamp_min(torch.finfo(torch.float32).tiny)[..., None]
         side = (coords / step).round_().clamp_(-self._levels, self._levels) + (self._levels + 1)
         codes = torch.cat([base.codes, pack(side.to(torch.uint8), self.side_bits)], dim=-1)
         notes = torch.zeros(*side_scale.shape[:2], 2, dtype=META_DTYPE, device=k.device)
         c = Codes(codes, base.scale, torch.cat([base.zero, side_scale, notes], dim=-1))
-        error = k - self.dequantize_keys(c)
+        error = k - base_keys.add_(self._correction(c, dim))  # what dequantize_keys(c) returns
         along = torch.matmul(error, u)
         across = error - torch.matmul(along, u.transpose(-1, -2))
         c.zero[..., -2] = round_up(along.norm(dim=-1).amax(dim=-1), META_DTYPE)
@@ -120,11 +121,11 @@ class HeadQQuantizer(CompactMinMaxQuantizer):
         c_b by under 2^-12 eps_b (||e_j|| <= eps_b); the two products then by under 4.1 2^-12 ||q|| eps_b. The term
         (P q) . (U U^T e) = q^T U (I - U^T U) U^T e is at most (1 + omega)^2 omega ||q|| ||e|| < 2^-15 ||q|| eps_b.
         2^-8 tau ||q|| eps_b covers both; the relative 2^-12 covers the rounding of the form's own arithmetic."""
-        u, dim = self.u.to(grouped.device), grouped.shape[-1]
+        u, dim = self.u, grouped.shape[-1]
         along = torch.matmul(grouped, u)  # [Bd, Hkv, G, r]
         across = grouped - torch.matmul(along, u.transpose(-1, -2))
-        blocks = take_blocks(zero, tables)  # [Bd, nb, Hkv, *]
-        step = self.key_grid(take_blocks(scale, tables), blocks[..., :dim])[0].transpose(1, 2)  # [Bd, Hkv, nb, D]
+        blocks = take(zero, tables)  # [Bd, nb, Hkv, *]
+        step = self.key_grid(take(scale, tables), blocks[..., :dim])[0].transpose(1, 2)  # [Bd, Hkv, nb, D]
         channel = kappa * torch.matmul(across.abs(), step.transpose(-1, -2))  # [Bd, Hkv, G, nb]
         a, c = blocks[..., -2:].float().permute(3, 0, 2, 1)[:, :, :, None]  # each [Bd, Hkv, 1, nb]
         across = torch.minimum(across.norm(dim=-1)[..., None] * c, torch.nan_to_num(channel, nan=torch.inf))
@@ -136,11 +137,6 @@ class HeadQQuantizer(CompactMinMaxQuantizer):
         """Base codes and metadata, side codes, a side scale a token, a_b and c_b spread over the block."""
         side = self.rank * self.side_bits / 8 + META_DTYPE.itemsize
         return super().key_bytes(dim, block_size) + side + 2 * META_DTYPE.itemsize / block_size
-
-
-def take_blocks(x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """x[tables] for per-block metadata x [NB, ...] and tables [Bd, nb] -> [Bd, nb, ...]."""
-    return x.index_select(0, tables.flatten()).view(*tables.shape, *x.shape[1:])
 
 
 def eigenbasis(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

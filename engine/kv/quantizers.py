@@ -108,7 +108,23 @@ def _affine(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, scal
     return Codes(pack(codes, bits), scale, zero)
 
 
-class MinMaxQuantizer:
+class LayerlessQuantizer:
+    """What most quantizers share: the same quantizer in every layer, key codes of k_bits each, and no form of Delta_b
+    beyond the certificate's two (engine.kv.certificate.block_deltas)."""
+
+    k_bits: int
+
+    def for_layer(self, layer: int) -> LayerlessQuantizer:
+        return self
+
+    def key_width(self, dim: int) -> int:
+        return dim * self.k_bits // 8
+
+    def key_deltas(self, grouped, scale, zero, tables, eps, kappa, tau: float) -> None:
+        return None
+
+
+class MinMaxQuantizer(LayerlessQuantizer):
     """Round-to-nearest on a min-max grid: keys per block and channel, values per token and 16-channel group."""
 
     name = "minmax"
@@ -119,14 +135,8 @@ class MinMaxQuantizer:
         self.k_bits, self.v_bits = k_bits, v_bits
         self.triton = k_bits in (4, 8) and v_bits in (2, 4) and self.key_scale_dtype == META_DTYPE
 
-    def for_layer(self, layer: int) -> MinMaxQuantizer:
-        return self
-
     def key_meta(self, block_size: int, dim: int):
         return (dim,), (dim,)
-
-    def key_width(self, dim: int) -> int:
-        return dim * self.k_bits // 8
 
     def value_meta(self, dim: int) -> tuple[int, int]:
         return dim // VALUE_GROUP, dim // VALUE_GROUP
@@ -167,9 +177,6 @@ class MinMaxQuantizer:
         step_dot = zero_dot * 2**-10 + scale_dot + q_abs_sum * 2**-24
         magnitude = (zero_dot + ((1 << self.k_bits) - 1) * scale_dot) * (1 + 2**-20)
         return step_dot * (1 + 2**-20), magnitude
-
-    def key_deltas(self, grouped, scale, zero, tables, eps, kappa, tau: float) -> None:
-        return None  # Delta_b's two forms (engine.kv.certificate.block_deltas) are all min-max offers
 
     def quantize_values(self, v: torch.Tensor) -> Codes:
         v = v.float()
@@ -270,7 +277,7 @@ def lloyd_max(bits: int, device: torch.device = torch.device("cpu")) -> torch.Te
     return levels.float().to(device)
 
 
-class HadamardQuantizer:
+class HadamardQuantizer(LayerlessQuantizer):
     """TurboQuant-style: each token's key or value is rotated (rotation above), so that its coordinates are close to
     N(0, ||x||^2 / D) whatever its outlier channels, and each coordinate is coded with the Lloyd-Max levels of
     N(0, 1) scaled by sigma = ||x|| / sqrt(D); the one stored number per token is the least-squares scale of the
@@ -290,14 +297,8 @@ class HadamardQuantizer:
         self.k_bits, self.v_bits = k_bits, v_bits
         self._key_peak = float(lloyd_max(k_bits).abs().max())  # the largest |level|
 
-    def for_layer(self, layer: int) -> HadamardQuantizer:
-        return self
-
     def key_meta(self, block_size: int, dim: int):
         return (block_size, 1), (block_size, 0)
-
-    def key_width(self, dim: int) -> int:
-        return dim * self.k_bits // 8
 
     def value_meta(self, dim: int) -> tuple[int, int]:
         return 1, 0
@@ -346,9 +347,6 @@ class HadamardQuantizer:
     def key_dots(self, l1, largest, q_abs_sum) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum_c |q_c| step_c with the unit step, a bound of sum_c |q_c| |k^_jc| <= ||q||_1 max_c |k^_jc|)."""
         return l1 * (1 + 2**-20), l1 * largest * (1 + 2**-20)
-
-    def key_deltas(self, grouped, scale, zero, tables, eps, kappa, tau: float) -> None:
-        return None
 
     def key_bytes(self, dim: int, block_size: int) -> float:
         return dim * self.k_bits / 8 + META_DTYPE.itemsize
@@ -410,11 +408,8 @@ class PairedQuantizer:
         return self.values.value_bytes(dim)
 
 
-QUANTIZERS = ("minmax", "minmax-fp8", "hadamard", "headq")
-
-
 def make_quantizer(name: str, k_bits: int, v_bits: int, **headq) -> Quantizer:
-    """`NAME` for keys and values, or `KEYS/VALUES` (each of QUANTIZERS); ValueError for unknown names or bits.
+    """`NAME` for keys and values, or `KEYS/VALUES` (each a name below); ValueError for unknown names or bits.
     `headq` keywords (rank, side_bits, basis) reach engine.kv.headq.HeadQQuantizer."""
     from engine.kv.headq import HeadQQuantizer  # it builds on the quantizers here
 
@@ -422,7 +417,7 @@ def make_quantizer(name: str, k_bits: int, v_bits: int, **headq) -> Quantizer:
              "headq": lambda k_bits=8, v_bits=4: HeadQQuantizer(k_bits, v_bits, **headq)}
     names = name.split("/")
     if len(names) > 2 or any(n not in kinds for n in names):
-        raise ValueError(f"unknown quantizer {name!r} (available: {', '.join(QUANTIZERS)}, or KEYS/VALUES of them)")
+        raise ValueError(f"unknown quantizer {name!r} (available: {', '.join(kinds)}, or KEYS/VALUES of them)")
     if len(names) == 1:
         return kinds[name](k_bits, v_bits)
     keys, values = (kinds[n] for n in names)  # each half built with the other half's default bits
