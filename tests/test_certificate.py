@@ -75,6 +75,9 @@ def make_case(seed, length, dim, key_err, val_err, kind):
     if kind == "sink":  # one token takes most of the mass and carries a huge value
         k[0] = q / q.norm() * 8
         v[0] *= 50
+    if kind == "value_aligned":  # scores move up exactly where values lie on one side: the centred form's worst case
+        side = torch.sign((v - v.mean(0)) @ v[0])[:, None]
+        e = side * key_err * q / q.norm()
     if kind == "outlier":
         k[:, 3] *= 40
         q[3] *= 10
@@ -95,7 +98,7 @@ def make_case(seed, length, dim, key_err, val_err, kind):
     return q, k, k + e, v, v + ev, promoted
 
 
-KINDS = ["random", "aligned", "sink", "outlier", "near_tie", "promoted_big"]
+KINDS = ["random", "aligned", "value_aligned", "sink", "outlier", "near_tie", "promoted_big"]
 
 
 @settings(max_examples=300, deadline=None)
@@ -165,21 +168,43 @@ def test_radius_over_tail_only_would_be_unsound():
 def test_each_key_form_can_be_the_tightest():
     """Small Delta: the attention-weighted spread wins; a tiny tail mass: the tail-mass form of the TV bound."""
     delta, radius = torch.tensor(0.05), torch.tensor(10.0)
-    spread_form = cert.key_error(delta, torch.tensor(0.9), radius, torch.tensor(1.0), torch.tensor(0.9))
+    spread_form = cert.key_error(delta, torch.tensor(0.9), radius, torch.tensor(1.0), torch.tensor(0.9),
+                                 torch.tensor(0.1))
     assert spread_form < cert.softmax_tv_bound(delta, torch.tensor(0.9)) * 2 * radius
     big = torch.tensor(3.0)
-    tail_form = cert.key_error(big, torch.tensor(1e-4), radius, torch.tensor(10.0), torch.tensor(5.0))
+    tail_form = cert.key_error(big, torch.tensor(1e-4), radius, torch.tensor(10.0), torch.tensor(5.0),
+                               torch.tensor(1.0))
     assert tail_form == cert.softmax_tv_bound(big, torch.tensor(1e-4)) * 2 * radius
 
 
-def test_ratio_bounds_are_attained_at_the_extremes():
-    """All tail scores at +Delta (or -Delta): p / p^ reaches the predicted extremes on T and on P."""
+def test_normaliser_range_and_exact_ratio_are_attained_at_the_extremes():
+    """All tail scores at +Delta (or -Delta): S = Z / Z^ reaches m_lo (m_hi) and p / p^ on P reaches u_P."""
     delta, alpha = torch.tensor(0.4, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64)
-    u_tail, u_exact = cert.ratio_bounds(delta, alpha)
+    m_lo, m_hi = cert.normaliser_range(delta, alpha)
     p_hat = torch.tensor([0.7, 0.3], dtype=torch.float64)  # [P token, T token]
-    for sign in (1, -1):
-        p = torch.softmax(p_hat.log() - torch.stack([torch.zeros((), dtype=torch.float64), sign * delta]), 0)
-        ratio = (p_hat - p).abs() / p_hat
-        assert ratio[1] <= u_tail + 1e-12 and ratio[0] <= u_exact + 1e-12
-    assert torch.isclose(max((p_hat - torch.softmax(p_hat.log() - torch.stack(
-        [torch.zeros((), dtype=torch.float64), s * delta]), 0)).abs()[0] / 0.7 for s in (1, -1)), u_exact)
+    ratios = []
+    for sign, extreme in ((1, m_lo), (-1, m_hi)):
+        moved = torch.stack([torch.zeros((), dtype=torch.float64), sign * delta])
+        assert torch.isclose((p_hat * torch.exp(-moved)).sum(), extreme)
+        p = torch.softmax(p_hat.log() - moved, 0)
+        ratios.append((p_hat - p).abs()[0] / p_hat[0])
+    assert torch.isclose(max(ratios), cert.exact_ratio(m_lo, m_hi))
+
+
+def test_centred_form_is_first_order_tight():
+    """Two tokens of equal weight, values +a and -a (O = 0), scores moved by -Delta and +Delta: the error is
+    tanh(Delta) ||a||, and form (c) gives (e^Delta - 1) e^Delta ||a||, tight as Delta -> 0. A form that bounds each
+    |p_j - p^_j| by a ratio of p^_j pays the normaliser's shift on every token: about 3 Delta ||a||."""
+    a = torch.tensor([3.0, -1.0, 2.0], dtype=torch.float64)
+    values = torch.stack([a, -a])
+    for delta in (1e-3, 0.05, 0.3):
+        d = torch.tensor(delta, dtype=torch.float64)
+        p = torch.softmax(torch.stack([d, -d]), 0)  # p^ = (1/2, 1/2); reference scores moved by +-Delta
+        actual = (p @ values).norm()
+        norm = a.norm()
+        bound = cert.key_error(d, torch.tensor(1.0, dtype=torch.float64), 100 * norm, norm, norm,
+                               torch.tensor(0.0, dtype=torch.float64))
+        assert torch.isclose(actual, torch.tanh(d) * norm)
+        assert actual <= bound <= torch.expm1(d) * torch.exp(d) * norm * (1 + 1e-12)
+        if delta <= 0.05:
+            assert bound < 1.11 * actual

@@ -67,30 +67,31 @@ def mass_cases(draw):
                              w_tail=(dev * in_tail[:, None]).sum(dim=-1)[:, None])
     radius = torch.rand(n, generator=gen) + 0.1
     goal = torch.rand(n, G, generator=gen) * 0.3
-    return result, in_tail, radius, goal
+    centre = torch.rand(n, G, generator=gen) * 0.1  # C of E_key's form (c): E_val and the rounding of O
+    return result, in_tail, radius, centre, goal
 
 
-def predicted_e_key(result, g, in_tail, radius, moved: list[int]):
+def predicted_e_key(result, g, in_tail, radius, centre, moved: list[int]):
     """E_key after moving `moved` out of the tail: Delta_T over the blocks left, their mass and spread."""
     left = [b for b in in_tail[g].nonzero().flatten().tolist() if b not in moved]
     delta = result.block_delta[g, 0][:, left].amax(dim=-1) if left else torch.zeros(G)
     alpha = (result.alpha_t[g, 0] - result.rho[g, 0][:, moved].sum(dim=-1)).clamp_min(0)
     w_tail = (result.w_tail[g, 0] - result.dev_contrib[g, 0][:, moved].sum(dim=-1)).clamp_min(0)
-    return cert.key_error(delta, alpha, radius[g], result.w_all[g, 0], w_tail)
+    return cert.key_error(delta, alpha, radius[g], result.w_all[g, 0], w_tail, centre[g])
 
 
 @given(mass_cases())
 def test_by_mass_takes_the_shortest_heaviest_prefix_that_meets_the_goal(case):
-    result, in_tail, radius, goal = case
+    result, in_tail, radius, centre, goal = case
     n = in_tail.shape[0]
-    order, count = _by_mass(result, torch.arange(n), torch.zeros(n, dtype=torch.long), in_tail, radius, goal)
+    order, count = _by_mass(result, torch.arange(n), torch.zeros(n, dtype=torch.long), in_tail, radius, centre, goal)
     for g in range(n):
         tail = in_tail[g].nonzero().flatten().tolist()
         heaviest = sorted(tail, key=lambda b: -float(result.rho[g, 0][:, b].amax()))
-        fits = [bool((predicted_e_key(result, g, in_tail, radius, heaviest[:m]) <= goal[g] * (1 + 1e-5)).all())
+        fits = [bool((predicted_e_key(result, g, in_tail, radius, centre, heaviest[:m]) <= goal[g] * (1 + 1e-5)).all())
                 for m in range(len(tail) + 1)]
         if int(count[g]) < 0:
-            assert not any(fits[m] and not _near(result, g, in_tail, radius, heaviest[:m], goal) for m in
+            assert not any(fits[m] and not _near(result, g, in_tail, radius, centre, heaviest[:m], goal) for m in
                            range(len(tail) + 1))
             continue
         m = int(count[g])
@@ -98,10 +99,11 @@ def test_by_mass_takes_the_shortest_heaviest_prefix_that_meets_the_goal(case):
         assert set(chosen) <= set(tail) and len(set(chosen)) == m
         masses = sorted((float(result.rho[g, 0][:, b].amax()) for b in tail), reverse=True)[:m]
         assert sorted((float(result.rho[g, 0][:, b].amax()) for b in chosen), reverse=True) == masses
-        assert bool((predicted_e_key(result, g, in_tail, radius, chosen) <= goal[g] * (1 + 1e-5)).all())
-        assert not any(fits[k] and not _near(result, g, in_tail, radius, heaviest[:k], goal) for k in range(m))
+        assert bool((predicted_e_key(result, g, in_tail, radius, centre, chosen) <= goal[g] * (1 + 1e-5)).all())
+        assert not any(fits[k] and not _near(result, g, in_tail, radius, centre, heaviest[:k], goal) for k in range(m))
 
 
-def _near(result, g, in_tail, radius, moved, goal) -> bool:
+def _near(result, g, in_tail, radius, centre, moved, goal) -> bool:
     """Within float rounding of the goal: the batched and the plain sums may round differently there."""
-    return bool(((predicted_e_key(result, g, in_tail, radius, moved) - goal[g]).abs() <= 1e-5 * goal[g] + 1e-7).any())
+    predicted = predicted_e_key(result, g, in_tail, radius, centre, moved)
+    return bool(((predicted - goal[g]).abs() <= 1e-5 * goal[g] + 1e-7).any())

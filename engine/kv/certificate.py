@@ -14,16 +14,21 @@ error norm; kappa_b: its largest per-channel error in units of the channel's sca
 sum p^ = sum p = 1, any centre c can be subtracted from the values, and E_key is the smallest of three bounds:
   (a) TV(p, p^) * 2 R with R = max_j ||v_j - c|| over EVERY token for the sequence's centre c, TV <=
       min(tanh(Delta_T / 2), alpha^_T (e^Delta_T - 1)) (alpha^_T: the computed mass of T);
-  (c) per token, p_j / p^_j = e^-delta_j * Z^/Z and Z/Z^ = sum p^_j e^-delta_j lies in [m_lo, m_hi] =
-      [1 - alpha^_T (1 - e^-Delta_T), 1 + alpha^_T (e^Delta_T - 1)], so |p^_j - p_j| <= u_T p^_j on T and u_P p^_j on P,
-      u_T = max(e^Delta_T / m_lo - 1, 1 - e^-Delta_T / m_hi), u_P = max(1 / m_lo - 1, 1 - 1 / m_hi) <= u_T. With c = O:
-      ||.|| <= u_T W_T + u_P W_P <= u_T min(W_T', W') + u_P W', where W_X = sum_(j in X) p^_j ||v_j - O|| and, from
-      ||v_j - O|| <= ||v^_j - O|| + eta_j and stored norms n_j >= ||v^_j||:
+  (c) with s_j = e^-delta_j and S = sum_i p^_i s_i, p_j = p^_j s_j / S and S lies in [m_lo, m_hi] =
+      [1 - alpha^_T (1 - e^-Delta_T), 1 + alpha^_T (e^Delta_T - 1)]. Centred at the computed output O, exactly
+        sum (p_j - p^_j)(v_j - O) = (1 / S) sum_(j in T) p^_j (s_j - 1)(v_j - O) + (1 / S - 1) sum_j p^_j (v_j - O)
+      (s_j = 1 on P), and sum_j p^_j (v_j - O) = sum_j p^_j (v_j - v^_j) + (exact O - computed O) has norm at most
+      C = E_val + the float32 error of O: the shift of the normaliser multiplies a vector that is nearly 0. So
+        ||.|| <= (e^Delta_T - 1) / m_lo * min(W_T', W') + u_P min(C, W'),   u_P = max(1 / m_lo - 1, 1 - 1 / m_hi),
+      with W_X >= sum_(j in X) p^_j ||v_j - O|| and, from ||v_j - O|| <= ||v^_j - O|| + eta_j and n_j >= ||v^_j||:
         W' = sqrt(sum p^_j n_j^2 - ||O||^2) + E_val   (Jensen, since sum p^_j v^_j = O)
-        W_T' = sum_(j in T) p^_j (n_j + ||O|| + eta_j)   (triangle inequality);
-  (b) form (c) per block: each block of T with its own Delta_b and mass rho_b in m_lo, m_hi and u_b
+        W_T' = sum_(j in T) p^_j (n_j + ||O|| + eta_j)   (triangle inequality).
+      (Bounding each |p^_j - p_j| by a ratio of p^_j instead, as an earlier form did, pays the normaliser's shift
+      on every token: u_P W' more.)
+  (b) form (c) per block: each block of T with its own Delta_b and mass rho_b in m_lo, m_hi and e^Delta_b - 1
       (blockwise_key_error), so that a light block with a large key error does not set the bound for the whole tail.
-E_fp = floating-point slack of the kernel and of this arithmetic (fp_slack below). KL(p || p^) <= Delta_T^2 / 2.
+E_fp = RELATIVE_MARGIN (E_val + E_key) + output_rounding: the float32 error of the kernel and of this
+arithmetic (bound_terms). KL(p || p^) <= Delta_T^2 / 2.
 
 Accepted ("certified") when E_val + E_key + E_fp <= tolerance * max(||O|| - bound, floor) with floor = FLOOR_FRACTION
 times the RMS norm of the attended values, sqrt(sum p^_j n_j^2) (>= ||O||): the error is at most `tolerance` times the
@@ -69,41 +74,44 @@ def softmax_tv_bound(delta_t: torch.Tensor, alpha_t: torch.Tensor) -> torch.Tens
     return torch.minimum(torch.tanh(delta_t / 2), alpha_t * torch.expm1(delta_t))
 
 
-def ratio_bounds(delta_t: torch.Tensor, alpha_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(u_T, u_P): |p^_j - p_j| <= u p^_j for tokens of T and of P (form (c) above)."""
-    m_lo = 1 - alpha_t * -torch.expm1(-delta_t)
-    m_hi = 1 + alpha_t * torch.expm1(delta_t)
-    u_tail = torch.maximum(torch.exp(delta_t) / m_lo - 1, 1 - torch.exp(-delta_t) / m_hi)
-    u_exact = torch.maximum(1 / m_lo - 1, 1 - 1 / m_hi)
-    return u_tail, u_exact
+def normaliser_range(delta_t: torch.Tensor, alpha_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m_lo, m_hi): the range of S = Z / Z^ = sum_j p^_j e^-delta_j when a mass alpha^_T moves by at most Delta_T."""
+    return 1 - alpha_t * -torch.expm1(-delta_t), 1 + alpha_t * torch.expm1(delta_t)
 
 
-def key_error(delta_t, alpha_t, radius, w_all, w_tail, blocks: tuple | None = None) -> torch.Tensor:
+def exact_ratio(m_lo: torch.Tensor, m_hi: torch.Tensor) -> torch.Tensor:
+    """u_P >= |1 / S - 1|: |p^_j - p_j| <= u_P p^_j for tokens of P."""
+    return torch.maximum(1 / m_lo - 1, 1 - 1 / m_hi)
+
+
+def key_error(delta_t, alpha_t, radius, w_all, w_tail, centre, blocks: tuple | None = None) -> torch.Tensor:
     """E_key = min of forms (a), (c) and, given the per-block terms `blocks` = (Delta_b, rho_b, W_b'), (b);
-    w_all = W', w_tail = W_T'."""
+    w_all = W', w_tail = W_T', centre = C >= ||sum_j p^_j v_j - O||."""
     spread = softmax_tv_bound(delta_t, alpha_t) * 2 * radius
-    u_tail, u_exact = ratio_bounds(delta_t, alpha_t)
-    deviation = u_tail * torch.minimum(w_tail, w_all) + u_exact * w_all
+    m_lo, m_hi = normaliser_range(delta_t, alpha_t)
+    deviation = torch.expm1(delta_t) / m_lo * torch.minimum(w_tail, w_all) + exact_ratio(m_lo, m_hi) * torch.minimum(
+        centre, w_all)
     bound = torch.minimum(spread, torch.nan_to_num(deviation, nan=torch.inf))
     if blocks is not None:
-        bound = torch.minimum(bound, blockwise_key_error(*blocks, radius, w_all))
+        bound = torch.minimum(bound, blockwise_key_error(*blocks, radius, w_all, centre))
     return bound
 
 
-def blockwise_key_error(block_delta, rho, dev, radius, w_all) -> torch.Tensor:
+def blockwise_key_error(block_delta, rho, dev, radius, w_all, centre) -> torch.Tensor:
     """Form (b): form (c) with each block's own Delta_b instead of Delta_T for all of T. Blocks [..., nb] with Delta_b,
     their masses rho_b and W_b' = sum_(j in b) p^_j (n_j + ||O|| + eta_j); Delta_b = 0 marks a block of P.
 
-    Z/Z^ = sum p^_j e^-delta_j lies in [1 - sum_b rho_b (1 - e^-Delta_b), 1 + sum_b rho_b (e^Delta_b - 1)], so
-    |p^_j - p_j| <= u_b p^_j in block b (u_b from Delta_b as u_T from Delta_T) and u_P p^_j on the rest, u_P <= u_b:
-    ||sum (p^_j - p_j)(v_j - O)|| <= u_P W' + sum_b (u_b - u_P) W_b <= u_P W' + min(sum_b (u_b - u_P) W_b',
-    (max_b u_b - u_P) W'), and TV(p, p^) <= (sum_b rho_b u_b + (1 - sum_b rho_b) u_P) / 2 for form (a)."""
+    S lies in [m_lo, m_hi] = [1 - sum_b rho_b (1 - e^-Delta_b), 1 + sum_b rho_b (e^Delta_b - 1)] and |s_j - 1| <=
+    e^Delta_b - 1 in block b, so ||sum (p^_j - p_j)(v_j - O)|| <= min(sum_b (e^Delta_b - 1) W_b', max_b (e^Delta_b - 1)
+    W') / m_lo + u_P min(C, W'). For form (a), |p^_j - p_j| <= u_b p^_j in block b with u_b = max(e^Delta_b / m_lo - 1,
+    1 - e^-Delta_b / m_hi) and u_P p^_j on the rest, so TV(p, p^) <= (sum_b rho_b u_b + (1 - sum_b rho_b) u_P) / 2."""
     m_lo = 1 - (rho * -torch.expm1(-block_delta)).sum(dim=-1, keepdim=True)
     m_hi = 1 + (rho * torch.expm1(block_delta)).sum(dim=-1, keepdim=True)
+    u_exact = exact_ratio(m_lo, m_hi).squeeze(-1)
+    grow = torch.expm1(block_delta)
+    moved = torch.minimum((grow * dev).sum(dim=-1), grow.amax(dim=-1) * w_all)
+    deviation = moved / m_lo.squeeze(-1) + u_exact * torch.minimum(centre, w_all)
     u_block = torch.maximum(torch.exp(block_delta) / m_lo - 1, 1 - torch.exp(-block_delta) / m_hi)
-    u_exact = torch.maximum(1 / m_lo - 1, 1 - 1 / m_hi).squeeze(-1)
-    excess = (u_block - u_exact[..., None]).clamp_min(0)
-    deviation = u_exact * w_all + torch.minimum((excess * dev).sum(dim=-1), excess.amax(dim=-1) * w_all)
     mass = rho.sum(dim=-1)
     tv = ((rho * u_block).sum(dim=-1) + (1 - mass).clamp_min(0) * u_exact) / 2
     bound = torch.minimum(deviation, tv * 2 * radius)
@@ -119,9 +127,9 @@ def spread_around_output(norm_sq: torch.Tensor, out_norm: torch.Tensor, e_val: t
     return variance.sqrt() + e_val
 
 
-def fp_slack(bound: torch.Tensor, score_error: torch.Tensor, value_scale: torch.Tensor, length: int,
-             head_dim: int) -> torch.Tensor:
-    """E_fp: a relative margin on the bound plus the float32 error of computing O from p^ and v^.
+def output_rounding(score_error: torch.Tensor, value_scale: torch.Tensor, length: int, head_dim: int) -> torch.Tensor:
+    """A bound of ||computed O - sum_j p^_j v^_j||, the float32 error of computing O from p^ and v^ (the relative
+    margin on the bound, which bound_terms adds, covers the float32 arithmetic of the bound's own terms).
 
     score_error bounds |fl(s_j) - s_j| (gamma_D tau max_j sum_c |q_c| |k^_jc|); a score perturbation of d moves the
     weights by at most tanh(d) in total variation, and exp/normalisation add a few roundings per weight, so the
@@ -131,14 +139,15 @@ def fp_slack(bound: torch.Tensor, score_error: torch.Tensor, value_scale: torch.
     token for min-max groups: 8 u value_scale, and the relative margin covers 8 u E_val."""
     weights = 2 * score_error + 8 * UNIT_ROUNDOFF
     dequantization = 8 * UNIT_ROUNDOFF
-    return RELATIVE_MARGIN * bound + (weights + dequantization + gamma(length + head_dim)) * value_scale
+    return (weights + dequantization + gamma(length + head_dim)) * value_scale
 
 
 def bound_terms(e_val, delta_t, alpha_t, radius, w_all, w_tail, score_error, value_scale, length: int,
                 head_dim: int, blocks: tuple | None = None) -> BoundTerms:
     """All terms for a batch of heads (tensors broadcast together), from the kernel's accumulators."""
-    e_key = key_error(delta_t, alpha_t, radius, w_all, w_tail, blocks)
-    e_fp = fp_slack(e_val + e_key, score_error, value_scale, length, head_dim)
+    rounding = output_rounding(score_error, value_scale, length, head_dim)
+    e_key = key_error(delta_t, alpha_t, radius, w_all, w_tail, e_val + rounding, blocks)
+    e_fp = RELATIVE_MARGIN * (e_val + e_key) + rounding
     return BoundTerms(e_val, e_key, e_fp)
 
 

@@ -208,7 +208,9 @@ class Ladder:
         v_order, v_count = _by_contribution(torch.where(real[:, None], result.val_contrib[gi, hi, :, :nb], 0.0), need)
         key_slots = take(self.cache.layers[layer].k_slot, tables)  # [n, nb, Hkv]
         in_tail = real & (key_slots.gather(2, hi[:, None, None].expand(-1, nb, 1))[..., 0] < 0)
-        k_order, k_count = _by_mass(result, gi, hi, in_tail, radius[gi, hi], budget * HEADROOM / 2)
+        centre = e_val + cert.output_rounding(result.score_error[gi, hi], result.value_scale[gi, hi], result.length,
+                                              result.out.shape[-1])  # C of E_key's form (c), before any promotion
+        k_order, k_count = _by_mass(result, gi, hi, in_tail, radius[gi, hi], centre, budget * HEADROOM / 2)
         flags = torch.stack([x.long() for x in (possible, value_only, v_count, k_count)], dim=1)
         decided = torch.cat([flags, v_order, k_order, tables], dim=1).tolist()
         choices = []
@@ -273,11 +275,11 @@ def _by_contribution(contrib: torch.Tensor, need: torch.Tensor) -> tuple[torch.T
     return order, torch.where((need > 0).any(dim=-1), count, 0)
 
 
-def _by_mass(result: DecodeResult, gi, hi, in_tail, radius, goal) -> tuple[torch.Tensor, torch.Tensor]:
+def _by_mass(result: DecodeResult, gi, hi, in_tail, radius, centre, goal) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group (gi, hi), the fewest tail blocks (in_tail [n, nb]), heaviest first, whose promotion to exact keys
     brings the predicted E_key under `goal` [n, G] for every query head: (block positions in that order [n, nb], how
     many [n]; -1 when no prefix suffices). Moving a block from T to P removes its Delta_b, mass and spread from the
-    tail sums (the prediction keeps p^ fixed; the re-run decides)."""
+    tail sums (the prediction keeps p^ and centre [n, G], the C of E_key's form (c), fixed; the re-run decides)."""
     n, nb = in_tail.shape
     rho = result.rho[gi, hi, :, :nb]  # [n, G, nb]
     order = torch.where(in_tail, rho.amax(dim=1), -torch.inf).argsort(dim=-1, descending=True)  # tail blocks first
@@ -293,7 +295,8 @@ def _by_mass(result: DecodeResult, gi, hi, in_tail, radius, goal) -> tuple[torch
     rest = torch.cat([deltas.flip(-1).cummax(-1).values.flip(-1), deltas.new_zeros(n, deltas.shape[1], 1)], dim=-1)
     dev = moved(result.dev_contrib[gi, hi, :, :nb])
     e_key = cert.key_error(rest, (result.alpha_t[gi, hi][..., None] - moved(rho)).clamp_min(0), radius[:, None, None],
-                           result.w_all[gi, hi][..., None], (result.w_tail[gi, hi][..., None] - dev).clamp_min(0))
+                           result.w_all[gi, hi][..., None], (result.w_tail[gi, hi][..., None] - dev).clamp_min(0),
+                           centre[..., None])
     fits = (e_key <= goal[..., None]).all(dim=1)  # [n, nb + 1]
     fits &= torch.arange(nb + 1, device=fits.device)[None, :] <= in_tail.sum(dim=-1, keepdim=True)
     return order, torch.where(fits.any(dim=-1), fits.int().argmax(dim=-1), -1)
