@@ -11,7 +11,7 @@ from engine.kv.quantizers import make_quantizer
 
 DEVICES = ("auto", "cpu", "cuda")
 KV_MODES = ("dense", "quantized", "certified", "exact", "audit")
-DEFAULT_TOLERANCE = 0.3  # relative to max(||O_ref||, RMS of the attended values); README "Choosing the tolerance"
+DEFAULT_TOLERANCE = 0.2  # relative to max(||O_ref||, RMS of the attended values); README "Choosing the tolerance"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
