@@ -30,6 +30,9 @@ def chat_prompts(tokenizer):
                                                    tokenize=True, return_dict=False) for i, c in enumerate(questions)}
 
 
+NEAR_TIE = 0.01  # logits
+
+
 def agreement(tokens, reference, ties=None):
     """Fraction of positions equal to the reference before the first divergence, averaged over requests. ties =
     (model path, prompts): a divergence where the full-precision model's two best logits are within NEAR_TIE of each
@@ -42,9 +45,6 @@ def agreement(tokens, reference, ties=None):
             same = len(ref)
         fractions.append(same / max(len(ref), 1))
     return sum(fractions) / len(fractions)
-
-
-NEAR_TIE = 0.01  # logits
 
 
 def _top_two_gap(path, prompts, rid, prefix) -> float:

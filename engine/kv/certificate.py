@@ -51,6 +51,7 @@ class BoundTerms:
     e_val: torch.Tensor
     e_key: torch.Tensor
     e_fp: torch.Tensor
+    centre: torch.Tensor  # C of E_key's form (c): E_val + output_rounding
 
     @property
     def total(self) -> torch.Tensor:
@@ -146,9 +147,9 @@ def bound_terms(e_val, delta_t, alpha_t, radius, w_all, w_tail, score_error, val
                 head_dim: int, blocks: tuple | None = None) -> BoundTerms:
     """All terms for a batch of heads (tensors broadcast together), from the kernel's accumulators."""
     rounding = output_rounding(score_error, value_scale, length, head_dim)
-    e_key = key_error(delta_t, alpha_t, radius, w_all, w_tail, e_val + rounding, blocks)
-    e_fp = RELATIVE_MARGIN * (e_val + e_key) + rounding
-    return BoundTerms(e_val, e_key, e_fp)
+    centre = e_val + rounding
+    e_key = key_error(delta_t, alpha_t, radius, w_all, w_tail, centre, blocks)
+    return BoundTerms(e_val, e_key, RELATIVE_MARGIN * (e_val + e_key) + rounding, centre)
 
 
 def threshold(out_norm: torch.Tensor, bound: torch.Tensor, rms: torch.Tensor, tolerance) -> torch.Tensor:

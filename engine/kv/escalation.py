@@ -208,9 +208,8 @@ class Ladder:
         v_order, v_count = _by_contribution(torch.where(real[:, None], result.val_contrib[gi, hi, :, :nb], 0.0), need)
         key_slots = take(self.cache.layers[layer].k_slot, tables)  # [n, nb, Hkv]
         in_tail = real & (key_slots.gather(2, hi[:, None, None].expand(-1, nb, 1))[..., 0] < 0)
-        centre = e_val + cert.output_rounding(result.score_error[gi, hi], result.value_scale[gi, hi], result.length,
-                                              result.out.shape[-1])  # C of E_key's form (c), before any promotion
-        k_order, k_count = _by_mass(result, gi, hi, in_tail, radius[gi, hi], centre, budget * HEADROOM / 2)
+        k_order, k_count = _by_mass(result, gi, hi, in_tail, radius[gi, hi], terms.centre[gi, hi],
+                                    budget * HEADROOM / 2)
         flags = torch.stack([x.long() for x in (possible, value_only, v_count, k_count)], dim=1)
         decided = torch.cat([flags, v_order, k_order, tables], dim=1).tolist()
         choices = []
