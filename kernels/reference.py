@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engine.kv.certificate import block_deltas, gamma, spread_around_output
+from engine.kv.certificate import block_deltas, block_spread, gamma, spread_around_output
 from engine.kv.quantizers import Codes, channel_error_ratio, error_norms, token_error_norms, token_norms
 
 
@@ -185,6 +185,7 @@ class DecodeAccumulators:
     block_sums: torch.Tensor  # [Bd, Hkv, G, nb + 1, 4]: sum e, sum e eta, sum e n, sum e n^2
     key_dots: torch.Tensor  # [Bd, Hkv, G, nb, 2]: Quantizer.key_contractions (min-max: sum |q| scale, sum |q| |zero|)
     value_max: torch.Tensor  # [Bd, Hkv, nb + 1]: max_j n_j over the block's attended tokens
+    out_dots: torch.Tensor | None = None  # [Bd, Hkv, G, nb + 1]: O . sum_(j in b) p^_j v^_j (the twin: O is known)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,9 +240,14 @@ def decode_accumulators(q, layer: QuantizedLayer, view: DecodeView, scale: float
                         torch.matmul(grouped, tail_k.transpose(-1, -2))[:, :, :, None]], dim=3)
     scores = scores.mul_(scale).masked_fill_(~valid, -torch.inf)  # [Bd, Hkv, G, nb + 1, bs]
     weights = torch.softmax(scores.flatten(-2), dim=-1).view(scores.shape)
-    out = torch.matmul(weights[:, :, :, nb], tail_v)
+    partial = torch.matmul(weights[:, :, :, nb], tail_v)  # [Bd, Hkv, G, D]: the partial block's share of O
+    out = partial
     if nb:
-        out += torch.matmul(weights[:, :, :, :nb].permute(0, 3, 1, 2, 4), values).sum(dim=1)
+        blocks = torch.matmul(weights[:, :, :, :nb].permute(0, 3, 1, 2, 4), values)  # [Bd, nb, Hkv, G, D]
+        out = partial + blocks.sum(dim=1)
+    out_dots = (partial * out).sum(dim=-1, keepdim=True)  # O . P_b, full blocks then the partial one
+    if nb:
+        out_dots = torch.cat([(blocks * out[:, None]).sum(dim=-1).permute(0, 2, 3, 1), out_dots], dim=-1)
     block_max = scores.amax(dim=-1)
     e = torch.where(valid, torch.exp(scores - block_max[..., None]), 0.0)
     terms = _token_terms(take(layer.token_notes, tables), (view.full[:, :, None] & (slots[..., 1] < 0)).transpose(1, 2),
@@ -250,7 +256,7 @@ def decode_accumulators(q, layer: QuantizedLayer, view: DecodeView, scale: float
     dots = torch.where(view.full[:, None, None, :, None], dots, 0.0)  # padding entries of the tables: nothing
     sums = torch.matmul(e.transpose(2, 3), terms).transpose(2, 3)  # [Bd, Hkv, G, nb + 1, 4]
     return DecodeAccumulators(out=out, block_max=block_max, block_sums=sums, key_dots=dots,
-                              value_max=terms[..., 2].amax(dim=-1))
+                              value_max=terms[..., 2].amax(dim=-1), out_dots=out_dots)
 
 
 def finish_decode(acc: DecodeAccumulators, q, layer: QuantizedLayer, view: DecodeView, scale: float,
@@ -262,13 +268,16 @@ def finish_decode(acc: DecodeAccumulators, q, layer: QuantizedLayer, view: Decod
     present = acc.block_sums[..., 0] > 0
     weight = torch.where(present, torch.exp(acc.block_max - acc.block_max.amax(dim=-1, keepdim=True)), 0.0)
     weight = weight / (weight * acc.block_sums[..., 0]).sum(dim=-1, keepdim=True)
-    rho, val_contrib, norm_sum, square_sum = (acc.block_sums * weight[..., None]).unbind(-1)
+    rho, val_contrib, norm_sum, block_square = (acc.block_sums * weight[..., None]).unbind(-1)
     out_norm = acc.out.norm(dim=-1)
-    e_val, square_sum = val_contrib.sum(dim=-1), square_sum.sum(dim=-1)
+    e_val, square_sum = val_contrib.sum(dim=-1), block_square.sum(dim=-1)
+    value_scale = acc.value_max.amax(dim=-1, keepdim=True)  # [Bd, Hkv, 1]
     dev_contrib = norm_sum + rho * out_norm[..., None] + val_contrib
+    if acc.out_dots is not None:
+        dev_contrib = torch.minimum(dev_contrib, block_spread(acc.out_dots, out_norm[..., None], rho, block_square,
+                                                              val_contrib, value_scale[..., None], (nb + 1) * bs, dim))
     slots = used_slots(layer, view)
     in_tail = (view.full[:, :, None] & (slots[..., 0] < 0)).transpose(1, 2)  # [Bd, Hkv, nb]: keys read quantized
-    value_scale = acc.value_max.amax(dim=-1, keepdim=True)  # [Bd, Hkv, 1]
     block_notes = take(layer.block_notes, view.block_tables).transpose(1, 2)  # [Bd, Hkv, nb, 2]
     block_delta, score_error = _key_terms(quantizer, q.float().view(batch, kv_heads, groups, dim), acc.key_dots,
                                           block_notes, (layer.k_scale, layer.k_zero), in_tail, slots[..., 0] >= 0,

@@ -7,6 +7,8 @@ small there; on a GPU the long contexts run too.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -120,7 +122,10 @@ def compare(q, layer, view, quantizer, what):
     got = decode_accumulators(q, layer, view, scale, quantizer)
     want = reference.decode_accumulators(q, layer, view, scale, quantizer)
     for name in got.__slots__:
-        assert_close(getattr(got, name), getattr(want, name), 1e-4, 1e-5, f"{what}: {name}")
+        if name != "out_dots":  # the twin's alone: it knows O in its one pass (certificate.block_spread)
+            assert_close(getattr(got, name), getattr(want, name), 1e-4, 1e-5, f"{what}: {name}")
+    if got.out_dots is None:
+        want = dataclasses.replace(want, out_dots=None)  # the same certificate from the same accumulators
     finished = [reference.finish_decode(acc, q, layer, view, scale, quantizer) for acc in (got, want)]
     for name in ("out", "rho", "e_val", "alpha_t", "delta_t", "w_tail", "rms", "score_error"):
         assert_close(getattr(finished[0], name), getattr(finished[1], name), 1e-4, 1e-5, f"{what}: {name}")

@@ -128,6 +128,21 @@ def spread_around_output(norm_sq: torch.Tensor, out_norm: torch.Tensor, e_val: t
     return variance.sqrt() + e_val
 
 
+def block_spread(out_dots, out_norm, rho, norm_sq, val_contrib, value_scale, length: int, head_dim: int) -> torch.Tensor:
+    """W_b' by Cauchy-Schwarz within each block, for blocks [..., nb + 1]: sum_(j in b) p^_j ||v_j - O|| <=
+    sqrt(rho_b sum_(j in b) p^_j ||v^_j - O||^2) + sum_(j in b) p^_j eta_j, where the sum of squares is
+    sum p^_j n_j^2 - 2 O . P_b + rho_b ||O||^2 with P_b = sum_(j in b) p^_j v^_j and out_dots = O . P_b (n_j >= ||v^_j||).
+    The triangle form sum p^_j (n_j + ||O|| + eta_j) pays ||O|| twice where values share a large common part.
+
+    Float32 slack: P_b and O . P_b are sums of at most `length + head_dim` products with ||P_b|| <= rho_b value_scale,
+    so the computed dot is within gamma rho_b ||O|| value_scale of the exact one (twice: the dot is doubled), and
+    the positive sums rho_b and sum p^_j n_j^2 are within gamma of theirs, relatively."""
+    g = gamma(length + head_dim)
+    square = norm_sq - 2 * out_dots + rho * out_norm * out_norm
+    slack = 2 * g * (norm_sq + rho * out_norm * (out_norm + 2 * value_scale))
+    return (rho * (square.clamp_min(0) + slack)).sqrt() + val_contrib
+
+
 def output_rounding(score_error: torch.Tensor, value_scale: torch.Tensor, length: int, head_dim: int) -> torch.Tensor:
     """A bound of ||computed O - sum_j p^_j v^_j||, the float32 error of computing O from p^ and v^ (the relative
     margin on the bound, which bound_terms adds, covers the float32 arithmetic of the bound's own terms).
