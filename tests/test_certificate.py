@@ -123,6 +123,14 @@ def test_bound_holds(seed, length, dim, key_err, val_err, kind):
     assert terms.e_key <= max_form.e_key  # the per-block form only ever tightens E_key
 
 
+def test_key_error_survives_a_tail_mass_rounded_above_one():
+    """alpha^_T computed as 1 + 2^-23 with Delta_T = 43 (found on the write path): m_lo = 1 - alpha^_T (1 - e^-43)
+    rounds below 0, and form (c) must then give nothing rather than a negative bound; form (a) remains."""
+    delta, alpha = torch.tensor(43.0), torch.tensor(1 + 2**-23)
+    bound = cert.key_error(delta, alpha, torch.tensor(1.0), torch.tensor(1.4), torch.tensor(1.2), torch.tensor(0.9))
+    assert bound == cert.softmax_tv_bound(delta, alpha) * 2 * 1.0 > 0
+
+
 def test_block_spread_removes_the_values_common_part():
     """Values around a common part about 4x their spread, one block's scores moved: the triangle form of W_b' pays
     n_j + ||O|| (twice the common part; form (c) with W' then binds), the Cauchy-Schwarz form about the block's

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from engine.batch import build_forward_batch
@@ -90,6 +90,7 @@ def random_kv(gen, n, kind="random"):
        quantizer=st.sampled_from(["minmax", "hadamard", "minmax/hadamard", "minmax-fp8", "minmax-fp8/hadamard",
                                   "headq", "headq/hadamard"]),
        kind=st.sampled_from(["random", "outlier", "sink", "offset"]))
+@example(seed=101, lengths=[100], bits=(4, 4), quantizer="hadamard", kind="outlier")  # alpha^_T > 1, Delta_T 43
 def test_bound_holds_on_the_real_write_path(seed, lengths, bits, quantizer, kind):
     """Every quantizer: the certificate only reads annotations measured against its own dequantization."""
     h = Harness(*bits, seed=seed, quantizer=quantizer)

@@ -92,7 +92,10 @@ def key_error(delta_t, alpha_t, radius, w_all, w_tail, centre, blocks: tuple | N
     m_lo, m_hi = normaliser_range(delta_t, alpha_t)
     deviation = torch.expm1(delta_t) / m_lo * torch.minimum(w_tail, w_all) + exact_ratio(m_lo, m_hi) * torch.minimum(
         centre, w_all)
-    bound = torch.minimum(spread, torch.nan_to_num(deviation, nan=torch.inf))
+    # m_lo >= e^-Delta_T > 0 in exact arithmetic; a computed alpha^_T just above 1 with a large Delta_T can make it
+    # 0 or negative, and the form says nothing then (it would be negative: not a bound)
+    deviation = torch.where(m_lo > 0, torch.nan_to_num(deviation, nan=torch.inf), torch.inf)
+    bound = torch.minimum(spread, deviation)
     if blocks is not None:
         bound = torch.minimum(bound, blockwise_key_error(*blocks, radius, w_all, centre))
     return bound
