@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -240,3 +241,19 @@ def test_centred_form_is_first_order_tight():
         assert actual <= bound <= torch.expm1(d) * torch.exp(d) * norm * (1 + 1e-12)
         if delta <= 0.05:
             assert bound < 1.11 * actual
+
+
+def test_a_negative_or_non_finite_bound_is_never_accepted():
+    """The ladder's monitor: whatever a form returns, a bound below 0 (no sound bound is) or not finite becomes
+    infinite, so the head escalates instead of passing any limit."""
+    from types import SimpleNamespace
+
+    from engine.kv.escalation import _bound_and_limit
+
+    out = torch.ones(1, 1, 4, 2)
+    e_key = torch.tensor([-1e25, float("nan"), 0.01, float("inf")]).view(1, 1, 4)
+    zero = torch.zeros(1, 1, 4)
+    terms = cert.BoundTerms(zero, e_key, zero, zero)
+    bound, limit = _bound_and_limit(SimpleNamespace(out=out, rms=torch.ones(1, 1, 4)), terms, torch.tensor(0.2))
+    assert bound[0, 0].tolist() == [float("inf"), float("inf"), pytest.approx(0.01), float("inf")]
+    assert (bound <= limit).tolist() == [[[False, False, True, False]]]

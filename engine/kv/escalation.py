@@ -42,7 +42,8 @@ PREFETCH_BLOCKS = 12
 
 def check(result: DecodeResult, radius: torch.Tensor, tolerance: torch.Tensor, tightest: bool = True):
     """(bound, limit) per query head [Bd, Hkv, G]: certified where bound <= limit. radius [Bd, Hkv]; tolerance
-    broadcast to [Bd, 1, 1]. A non-finite output or bound becomes an infinite bound (a monitor: never accepted).
+    broadcast to [Bd, 1, 1]. A non-finite output or a non-finite or negative bound becomes an infinite bound (a monitor:
+    never accepted).
     tightest=False tries the whole-tail forms first and adds the per-block form only if some head fails them (it
     can only lower the bound): the same decisions for less work."""
     limit = None
@@ -55,7 +56,8 @@ def check(result: DecodeResult, radius: torch.Tensor, tolerance: torch.Tensor, t
 
 def _bound_and_limit(result: DecodeResult, terms: cert.BoundTerms, tolerance: torch.Tensor):
     bound = terms.total
-    bound = torch.where(torch.isfinite(bound) & torch.isfinite(result.out).all(dim=-1), bound, torch.inf)
+    # a non-finite or negative bound (a defect in some form: no sound bound is negative) is never accepted
+    bound = torch.where(torch.isfinite(bound) & (bound >= 0) & torch.isfinite(result.out).all(dim=-1), bound, torch.inf)
     return bound, cert.threshold(result.out.norm(dim=-1), bound, result.rms, tolerance)
 
 
