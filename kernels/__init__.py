@@ -31,6 +31,12 @@ def decode_accumulators(q, layer, view, scale: float, quantizer) -> reference.De
     return reference.decode_accumulators(q, layer, view, scale, quantizer)
 
 
+def spreads_per_block(q: torch.Tensor, quantizer) -> bool:
+    """Whether certified_decode bounds each block's spread by Cauchy-Schwarz about O (the twin, which knows O in its
+    one pass: certificate.block_spread), or only by the triangle form (the Triton kernel)."""
+    return not (use_triton(q) and quantizer.triton)
+
+
 def certified_decode(q, layer, view, scale: float, quantizer) -> reference.DecodeResult:
     """Certified paged decode attention: one pass over tier 1, then the certificate's terms."""
     return finish_decode(decode_accumulators(q, layer, view, scale, quantizer), q, layer, view, scale, quantizer)

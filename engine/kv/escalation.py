@@ -24,7 +24,7 @@ import torch
 from engine.kv import certificate as cert
 from engine.kv.stats import RATIO_BINS, EscalationRecord, ratio_bins
 from engine.request import KVMode
-from kernels import certified_decode, decode_attention
+from kernels import certified_decode, decode_attention, reference, spreads_per_block
 from kernels.reference import DecodeResult, take
 
 if TYPE_CHECKING:
@@ -123,8 +123,13 @@ class Ladder:
         rerun, exact, moved = {}, set(), {}
         terms = terms_of(result, radius)
         before = bound.amax(dim=-1).clone()
-        allowance = cache.scratch[layer].capacity // 2  # promotions per layer and step: no churn within a step
         groups = over.nonzero().tolist()
+        if groups and not spreads_per_block(q, cache.quantizers[layer]):
+            # the kernel bounds block spreads by the triangle form: the twin's tighter form may certify the same
+            # tier-1 data without a fetch (still rung 0)
+            failed = self._rerun(layer, q, view, scale, radius, tol, {(i, h): 0 for i, h in groups}, state, twin=True)
+            groups = [[i, h] for i, h in groups if (i, h) in failed]
+        allowance = cache.scratch[layer].capacity // 2  # promotions per layer and step: no churn within a step
         for (i, h), choice in zip(groups, self._plan_groups(layer, result, terms, view, groups, limit, radius)):
             if choice is None or len(choice[0]) + len(choice[1]) > allowance:
                 exact.add((i, h))
@@ -152,13 +157,15 @@ class Ladder:
             cache.records.append(record)
             cache.stats[record.engine_id].add_record(record)
 
-    def _rerun(self, layer, q, view, scale, radius, tol, planned, state) -> set:
-        """Re-certifies the planned groups with their promoted blocks; returns the groups that still fail."""
+    def _rerun(self, layer, q, view, scale, radius, tol, planned, state, twin: bool = False) -> set:
+        """Re-certifies the planned groups with their promoted blocks (with the PyTorch twin if `twin`); returns the
+        groups that still fail."""
         out, bound, limit, rung = state
         seqs = sorted({i for i, _ in planned})
         index = torch.tensor(seqs, device=q.device)
         sub = view.select(index)
-        result = certified_decode(q[index], self.cache.layers[layer], sub, scale, self.cache.quantizers[layer])
+        decode = reference.certified_decode if twin else certified_decode
+        result = decode(q[index], self.cache.layers[layer], sub, scale, self.cache.quantizers[layer])
         new_bound, new_limit = check(result, radius[index], tol[index])
         failed = set()
         for (i, h), level in planned.items():
