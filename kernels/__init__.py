@@ -24,17 +24,17 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and _decode is not None
 
 
+def kernel_decodes(q: torch.Tensor, quantizer) -> bool:
+    """Whether certified decode runs the Triton kernel here (else the twin). The kernel bounds each block's spread
+    by the triangle form only: it cannot give O . P_b in its one pass (certificate.block_spread)."""
+    return use_triton(q) and quantizer.triton
+
+
 def decode_accumulators(q, layer, view, scale: float, quantizer) -> reference.DecodeAccumulators:
     """One pass of certified decode attention over tier 1 (the kernel reads min-max codes of 8/4 and 4/2 bits)."""
-    if use_triton(q) and quantizer.triton:
+    if kernel_decodes(q, quantizer):
         return _decode.decode_accumulators(q, layer, view, scale, quantizer)
     return reference.decode_accumulators(q, layer, view, scale, quantizer)
-
-
-def spreads_per_block(q: torch.Tensor, quantizer) -> bool:
-    """Whether certified_decode bounds each block's spread by Cauchy-Schwarz about O (the twin, which knows O in its
-    one pass: certificate.block_spread), or only by the triangle form (the Triton kernel)."""
-    return not (use_triton(q) and quantizer.triton)
 
 
 def certified_decode(q, layer, view, scale: float, quantizer) -> reference.DecodeResult:

@@ -196,7 +196,7 @@ class DecodeResult:
     out: torch.Tensor  # [Bd, Hkv, G, D] float32: O = sum_j p^_j v^_j
     rho: torch.Tensor  # [Bd, Hkv, G, nb + 1]: block masses
     val_contrib: torch.Tensor  # [Bd, Hkv, G, nb + 1]: sum_(j in b) p^_j eta_j
-    dev_contrib: torch.Tensor  # [Bd, Hkv, G, nb + 1]: sum_(j in b) p^_j (n_j + ||O|| + eta_j) (W_T' per block)
+    dev_contrib: torch.Tensor  # [Bd, Hkv, G, nb + 1]: W_b' >= sum_(j in b) p^_j ||v_j - O|| (W_T' per block)
     block_delta: torch.Tensor  # [Bd, Hkv, G, nb]: Delta_b for blocks of T, 0 for the others
     e_val: torch.Tensor  # sum_j p^_j eta_j
     delta_t: torch.Tensor  # max Delta_b over T
@@ -241,13 +241,13 @@ def decode_accumulators(q, layer: QuantizedLayer, view: DecodeView, scale: float
     scores = scores.mul_(scale).masked_fill_(~valid, -torch.inf)  # [Bd, Hkv, G, nb + 1, bs]
     weights = torch.softmax(scores.flatten(-2), dim=-1).view(scores.shape)
     partial = torch.matmul(weights[:, :, :, nb], tail_v)  # [Bd, Hkv, G, D]: the partial block's share of O
-    out = partial
     if nb:
         blocks = torch.matmul(weights[:, :, :, :nb].permute(0, 3, 1, 2, 4), values)  # [Bd, nb, Hkv, G, D]
         out = partial + blocks.sum(dim=1)
-    out_dots = (partial * out).sum(dim=-1, keepdim=True)  # O . P_b, full blocks then the partial one
-    if nb:
-        out_dots = torch.cat([(blocks * out[:, None]).sum(dim=-1).permute(0, 2, 3, 1), out_dots], dim=-1)
+        block_dots = (blocks * out[:, None]).sum(dim=-1).permute(0, 2, 3, 1)
+    else:
+        out, block_dots = partial, partial.new_zeros(*partial.shape[:-1], 0)
+    out_dots = torch.cat([block_dots, (partial * out).sum(dim=-1, keepdim=True)], dim=-1)  # O . P_b, partial last
     block_max = scores.amax(dim=-1)
     e = torch.where(valid, torch.exp(scores - block_max[..., None]), 0.0)
     terms = _token_terms(take(layer.token_notes, tables), (view.full[:, :, None] & (slots[..., 1] < 0)).transpose(1, 2),

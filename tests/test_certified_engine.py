@@ -79,7 +79,7 @@ def test_default_model_modes(default_model, bits):
 
 def test_kernel_path_rechecks_failing_groups_with_the_twin(default_model, monkeypatch):
     """The Triton kernel bounds block spreads by the triangle form (no O . P_b in its one pass). Emulated here on
-    CPU (the twin with out_dots dropped, and spreads_per_block saying so), the ladder re-certifies failing groups
+    CPU (the twin with out_dots dropped, and kernel_decodes saying so), the ladder re-certifies failing groups
     with the twin before fetching anything: more head-steps certified at rung 0 on the same tier-1 data, less
     fetched from tier 2, and audit finds no violation. Measured: rung 0 81.8% -> 94.9%, 1.62 -> 0.58 MB fetched."""
     import dataclasses
@@ -97,7 +97,7 @@ def test_kernel_path_rechecks_failing_groups_with_the_twin(default_model, monkey
     def rung0(recheck: bool) -> tuple[float, int]:
         monkeypatch.setattr(tiers, "certified_decode", triangle)
         monkeypatch.setattr(escalation, "certified_decode", triangle)
-        monkeypatch.setattr(escalation, "spreads_per_block", lambda q, quantizer: not recheck)
+        monkeypatch.setattr(escalation, "kernel_decodes", lambda q, quantizer: recheck)
         engine = make_engine(default_model, kv_mode="audit", num_kv_blocks=64, tolerance=0.1, scratch_blocks=4)
         finals = {}
         run_engine(engine, prompts, 24, finals=finals)

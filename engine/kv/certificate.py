@@ -22,7 +22,8 @@ sum p^ = sum p = 1, any centre c can be subtracted from the values, and E_key is
         ||.|| <= (e^Delta_T - 1) / m_lo * min(W_T', W') + u_P min(C, W'),   u_P = max(1 / m_lo - 1, 1 - 1 / m_hi),
       with W_X >= sum_(j in X) p^_j ||v_j - O|| and, from ||v_j - O|| <= ||v^_j - O|| + eta_j and n_j >= ||v^_j||:
         W' = sqrt(sum p^_j n_j^2 - ||O||^2) + E_val   (Jensen, since sum p^_j v^_j = O)
-        W_T' = sum_(j in T) p^_j (n_j + ||O|| + eta_j)   (triangle inequality).
+        W_T' = sum_(b in T) W_b',  W_b' = sum_(j in b) p^_j (n_j + ||O|| + eta_j)   (triangle inequality), or
+               where O . P_b is known, the smaller Cauchy-Schwarz form (block_spread).
       (Bounding each |p^_j - p_j| by a ratio of p^_j instead, as an earlier form did, pays the normaliser's shift
       on every token: u_P W' more.)
   (b) form (c) per block: each block of T with its own Delta_b and mass rho_b in m_lo, m_hi and e^Delta_b - 1
@@ -103,7 +104,7 @@ def key_error(delta_t, alpha_t, radius, w_all, w_tail, centre, blocks: tuple | N
 
 def blockwise_key_error(block_delta, rho, dev, radius, w_all, centre) -> torch.Tensor:
     """Form (b): form (c) with each block's own Delta_b instead of Delta_T for all of T. Blocks [..., nb] with Delta_b,
-    their masses rho_b and W_b' = sum_(j in b) p^_j (n_j + ||O|| + eta_j); Delta_b = 0 marks a block of P.
+    their masses rho_b and W_b' >= sum_(j in b) p^_j ||v_j - O|| (see W_T' above); Delta_b = 0 marks a block of P.
 
     S lies in [m_lo, m_hi] = [1 - sum_b rho_b (1 - e^-Delta_b), 1 + sum_b rho_b (e^Delta_b - 1)] and |s_j - 1| <=
     e^Delta_b - 1 in block b, so ||sum (p^_j - p_j)(v_j - O)|| <= min(sum_b (e^Delta_b - 1) W_b', max_b (e^Delta_b - 1)

@@ -24,7 +24,7 @@ import torch
 from engine.kv import certificate as cert
 from engine.kv.stats import RATIO_BINS, EscalationRecord, ratio_bins
 from engine.request import KVMode
-from kernels import certified_decode, decode_attention, reference, spreads_per_block
+from kernels import certified_decode, decode_attention, kernel_decodes, reference
 from kernels.reference import DecodeResult, take
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ class Ladder:
         terms = terms_of(result, radius)
         before = bound.amax(dim=-1).clone()
         groups = over.nonzero().tolist()
-        if groups and not spreads_per_block(q, cache.quantizers[layer]):
+        if groups and kernel_decodes(q, cache.quantizers[layer]):
             # the kernel bounds block spreads by the triangle form: the twin's tighter form may certify the same
             # tier-1 data without a fetch (still rung 0)
             failed = self._rerun(layer, q, view, scale, radius, tol, {(i, h): 0 for i, h in groups}, state, twin=True)
