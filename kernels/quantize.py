@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kv.quantizers import META_DTYPE, VALUE_GROUP, Codes
+from kernels.formats import META_DTYPE, VALUE_GROUP, Codes
 from kernels.reference import QuantizedBlocks
 
 

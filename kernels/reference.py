@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engine.kv.certificate import block_deltas, block_spread, gamma, spread_around_output
-from engine.kv.quantizers import Codes, channel_error_ratio, error_norms, token_error_norms, token_norms
+from kernels.certificate import block_deltas, block_spread, gamma, spread_around_output
+from kernels.formats import Codes, channel_error_ratio, error_norms, token_error_norms, token_norms
 
 
 def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, length: int | None = None) -> torch.Tensor:
@@ -97,7 +97,7 @@ def paged_attention(q, k_cache, v_cache, batch, scale):
 @dataclass(frozen=True, slots=True)
 class QuantizedLayer:
     """Tier 1 of one layer (device). NB blocks, Hkv KV heads, bs tokens a block, D channels, S sequence slots,
-    C scratch slots. Codes and metadata as engine.kv.quantizers stores them; annotations packed so that one gather
+    C scratch slots. Codes and metadata as kernels.formats stores them; annotations packed so that one gather
     fetches each kind."""
 
     k_codes: torch.Tensor  # [NB, Hkv, bs, D * k_bits / 8] uint8
@@ -124,7 +124,7 @@ class QuantizedLayer:
 
 @dataclass(frozen=True, slots=True)
 class QuantizedBlocks:
-    """Tier-1 contents of N whole blocks (engine.kv.quantizers' layout) with their write-time annotations."""
+    """Tier-1 contents of N whole blocks (kernels.formats layout) with their write-time annotations."""
 
     keys: Codes  # codes [N, Hkv, bs, D * k_bits / 8] uint8, scale and zero [N, Hkv, D] float16
     values: Codes  # codes [N, Hkv, bs, D * v_bits / 8] uint8, scale and zero [N, Hkv, bs, D / 16] float16
@@ -190,7 +190,7 @@ class DecodeAccumulators:
 
 @dataclass(frozen=True, slots=True)
 class DecodeResult:
-    """Output and the certificate's accumulators (engine.kv.certificate). Per-block tensors list the nb full blocks
+    """Output and the certificate's accumulators (kernels.certificate). Per-block tensors list the nb full blocks
     and then the partial one (index nb); per-head tensors are [Bd, Hkv, G]."""
 
     out: torch.Tensor  # [Bd, Hkv, G, D] float32: O = sum_j p^_j v^_j

@@ -14,8 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.kv import certificate as cert
-from engine.kv.quantizers import round_up
+from kernels import certificate as cert
+from kernels.formats import round_up
 
 BS = 16
 

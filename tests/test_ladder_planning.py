@@ -11,7 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.kv import certificate as cert
+from kernels import certificate as cert
 from engine.kv.escalation import _by_contribution, _by_mass
 
 G = 3

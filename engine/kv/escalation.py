@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.kv import certificate as cert
+from kernels import certificate as cert
 from engine.kv.stats import RATIO_BINS, EscalationRecord, ratio_bins
 from engine.request import KVMode
 from kernels import certified_decode, decode_attention, kernel_decodes, reference
