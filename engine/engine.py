@@ -6,29 +6,32 @@ frozen state, so the server calls them from its own threads before anything is h
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
-
-import torch
 import time
 from dataclasses import dataclass
+
+import torch
 
 from engine.config import EngineConfig, ModelSpec
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import DataLoss, EngineError, InvalidRequest, RequestFailed
 from engine.faults import NO_FAULTS, FaultPlan, ShadowError
 from engine.model_runner import ModelRunner
+from engine.weights import model_id
 from engine.request import (FinishReason, KVMode, KVPolicy, Request, RequestOutput, SamplingParams, StoppingParams,
                             TokenLogprob, Usage)
-from engine.sampler import SamplerState, new_state, sample
+from engine.sampler import SampleResult, SamplerState, new_state, sample
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
 
 class StepFailed(Exception):
-    """A forward pass or sampling raised. The requests in `errors` were aborted with that error; the step's other
-    requests were not advanced and run again at the next step (their K/V writes are idempotent)."""
+    """The forward pass raised. The requests in `errors` were aborted with that error; the step's other requests
+    were not advanced and run again at the next step (their K/V writes are idempotent). Failures of one request's
+    sampling or post-processing never raise this: that request alone ends (RequestOutput.error)."""
 
     def __init__(self, errors: dict[str, EngineError]):
         super().__init__(f"step failed for {len(errors)} requests")
@@ -59,7 +62,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, faults: FaultPlan = NO_FAULTS):
         self.config = config
         self.runner = ModelRunner(config, faults)
-        self.spec: ModelSpec = self.runner.spec
+        # The model's id is what the operator named (a .gguf path, not its converted directory).
+        self.spec: ModelSpec = dataclasses.replace(self.runner.spec, model_id=model_id(config.model, self.runner.path))
         self.tokenizer = self.runner.tokenizer
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
@@ -67,16 +71,19 @@ class LLMEngine:
         self._rungs = [0, 0]  # rung-0 and all certified evaluations of finished requests
 
     def step(self) -> list[RequestOutput]:
+        """One forward pass. A request whose sampling or post-processing fails ends alone (an output carrying its
+        error); the step's other requests keep the token of this step."""
         output = self.scheduler.schedule()
         for request_id in output.preempted:
             self.runner.cache.release(request_id)
         if not output.scheduled:
             return []
-        requests, tokens, logprobs = self._execute_and_sample(output)
-        self.scheduler.update(output, {r.request_id: t for r, t in zip(requests, tokens)})
+        requests, sampled = self._execute_and_sample(output)
+        failed = [self._fail(requests[i], error) for i, error in sampled.errors.items()]
+        self.scheduler.update(output, {r.request_id: t for r, t in zip(requests, sampled.tokens) if t is not None})
         escalations = self._escalations()
-        return [self._output(r, t, lp, escalations.get(r.request_id, ())) for r, t, lp in
-                zip(requests, tokens, logprobs)]
+        return failed + [self._emit(r, t, lp, escalations.get(r.request_id, ())) for r, t, lp in
+                         zip(requests, sampled.tokens, sampled.logprobs) if t is not None]
 
     def live_stats(self) -> LiveStats:
         scheduler, cache = self.scheduler, self.runner.cache
@@ -111,14 +118,15 @@ class LLMEngine:
         finished = self.scheduler.update(output, {rid: forced[rid] for rid in batch.sample_ids})
         return dict(zip(batch.sample_ids, logits)), {r.request_id: self._release(r.request_id) for r in finished}
 
-    def _execute_and_sample(self, output: SchedulerOutput):
-        """Forward pass and sampling; on any exception the step's requests are aborted and StepFailed raised."""
+    def _execute_and_sample(self, output: SchedulerOutput) -> tuple[list[Request], SampleResult]:
+        """Forward pass and sampling. Sampling fails row by row (SampleResult.errors); an exception in the forward
+        pass aborts the step's requests and raises StepFailed."""
         self._mark_scheduled(output.scheduled)
         try:
             batch, logits = self.runner.execute(output, self._scheduled(output))
             requests = [self.scheduler.requests[rid] for rid in batch.sample_ids]
-            tokens, logprobs = sample(logits, requests, [r.extra.sampler for r in requests])
-            return requests, tokens, logprobs
+            logits = self._inject_nonfinite(logits, requests)
+            return requests, sample(logits, requests, [r.extra.sampler for r in requests])
         except ShadowError as exc:  # exactness impossible for these requests only
             log.error("step abandoned: %s", exc)
             failed = {rid: DataLoss(f"{exc.reason}: the exact fallback is impossible") for rid in exc.request_ids}
@@ -135,8 +143,11 @@ class LLMEngine:
         """Raises InvalidRequest when the request can never run on this engine. Reads only frozen state."""
         if not prompt_ids:
             raise InvalidRequest("input", "the prompt is empty")
-        if min(prompt_ids) < 0 or max(prompt_ids) >= self.spec.vocab_size:
-            raise InvalidRequest("input.prompt_token_ids", f"token ids must be in [0, {self.spec.vocab_size})")
+        vocab = self.spec.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise InvalidRequest("input.prompt_token_ids", f"token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in stopping.stop_token_ids):
+            raise InvalidRequest("stopping.stop_token_ids", f"token ids must be in [0, {vocab})")
         total = len(prompt_ids) + stopping.max_new_tokens
         if len(prompt_ids) >= self.spec.max_model_len:
             raise InvalidRequest("input", f"the prompt has {len(prompt_ids)} tokens; the context holds "
@@ -198,7 +209,35 @@ class LLMEngine:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
 
+    def _fail(self, request: Request, error: EngineError) -> RequestOutput:
+        """Ends one request with `error` (its own failure) and frees everything it holds."""
+        log.warning("request %s failed alone: %s", request.client_id, error)
+        self.abort(request.request_id)
+        return RequestOutput(request.request_id, (), "", finish_reason=FinishReason.ABORTED, error=error)
+
+    def _emit(self, request: Request, token: int, logprob: TokenLogprob | None, escalations) -> RequestOutput:
+        """_output, with a failure of this request's post-processing (detokenizer, stop strings) its own."""
+        try:
+            return self._output(request, token, logprob, escalations)
+        except Exception:
+            log.exception("post-processing failed for request %s", request.client_id)
+            return self._fail(request, RequestFailed("post-processing this request's output failed"))
+
+    def _inject_nonfinite(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Fault point sample.nonfinite: the targeted requests' logits become NaN (a model failing on one row)."""
+        faults = self.runner.faults
+        rows = [i for i, r in enumerate(requests) if faults.targets("sample.nonfinite", r.client_id)]
+        if not rows:
+            return logits
+        faults.hit("sample.nonfinite")
+        logits = logits.clone()
+        logits[rows] = float("nan")
+        return logits
+
     def _output(self, request: Request, token: int, logprob: TokenLogprob | None, escalations=()) -> RequestOutput:
+        if self.runner.faults.targets("output.raise", request.client_id):
+            self.runner.faults.hit("output.raise")
+            raise RuntimeError("injected failure in post-processing")
         now = time.monotonic()
         if request.first_token_time is None:
             request.first_token_time = now

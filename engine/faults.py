@@ -1,8 +1,8 @@
 """Fault injection for tests: named points the engine and the tiered cache consult at the places that can fail.
 
-A FaultPlan is an object handed to the engine (never a global). It enables itself only in tests: the constructor
-refuses unless `testing=True` is passed by test code or the environment sets CERTKV_ENABLE_FAULTS=1 (what
-`python -m server --fault-plan` requires), so a production process cannot be talked into corrupting its cache.
+A FaultPlan is an object handed to the engine (never a global; the server has no flag that builds one). It enables
+itself only in tests: the constructor refuses unless `testing=True` is passed by test code or the environment sets
+CERTKV_ENABLE_FAULTS=1, so a production process cannot be talked into corrupting its cache.
 
 Points (name -> parameters):
   step.raise        {"after": n}            the n-th forward pass (0-based) and every later one raise, once each
@@ -12,6 +12,11 @@ Points (name -> parameters):
   shadow.drop       {"request": id}         reading that request's shadows fails (the shadow is gone)
   copy.fail         {}                      every tier-2 fetch fails
   kv.nonfinite      {"request": id}         that request's first quantized block gets an infinite key scale
+  sample.nonfinite  {"request": id}         that request's logits are NaN when it is sampled (a model failing on
+                                            one row of the batch)
+  output.raise      {"request": id}         post-processing that request's token (detokenizer, stop strings) raises
+
+A point's "request" is the caller's request id (client_id).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
-POINTS = ("step.raise", "step.delay_ms", "shadow.corrupt", "shadow.drop", "copy.fail", "kv.nonfinite")
+POINTS = ("step.raise", "step.delay_ms", "shadow.corrupt", "shadow.drop", "copy.fail", "kv.nonfinite",
+          "sample.nonfinite", "output.raise")
 
 
 class ShadowError(RuntimeError):

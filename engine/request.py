@@ -15,6 +15,7 @@ from engine.errors import InvalidRequest
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
+REPETITION_PENALTY_RANGE = (0.01, 100.0)  # finite logits stay finite: |logit| * 100 / GREEDY_BELOW is far below 3e38
 
 
 class FinishReason(enum.Enum):
@@ -62,7 +63,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     min_p: float = 0.0
-    repetition_penalty: float = 1.0  # HF: divides positive logits of seen tokens, multiplies negative ones
+    repetition_penalty: float = 1.0  # HF: divides positive logits of seen tokens, multiplies negative ones; [0.01, 100]
     frequency_penalty: float = 0.0  # OpenAI: minus penalty * count of each generated token
     presence_penalty: float = 0.0  # OpenAI: minus penalty once for each generated token
     seed: int | None = None
@@ -75,8 +76,9 @@ class SamplingParams:
         _check(_finite(self.top_p) and 0.0 < self.top_p <= 1.0, "sampling.top_p", f"must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= 0, "sampling.top_k", f"must be >= 0 (0 = off), got {self.top_k}")
         _check(_finite(self.min_p) and 0.0 <= self.min_p <= 1.0, "sampling.min_p", f"must be in [0, 1], got {self.min_p}")
-        _check(_finite(self.repetition_penalty) and self.repetition_penalty > 0, "sampling.repetition_penalty",
-               f"must be finite and > 0 (1 = off), got {self.repetition_penalty}")
+        low, high = REPETITION_PENALTY_RANGE
+        _check(_finite(self.repetition_penalty) and low <= self.repetition_penalty <= high,
+               "sampling.repetition_penalty", f"must be in [{low:g}, {high:g}] (1 = off), got {self.repetition_penalty}")
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
             _check(_finite(value) and -2.0 <= value <= 2.0, f"sampling.{name}", f"must be in [-2, 2], got {value}")
@@ -190,7 +192,9 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class RequestOutput:
-    """What one engine step produced for one request: new tokens, their text, and on the last one the outcome."""
+    """What one engine step produced for one request: new tokens, their text, and on the last one the outcome.
+    A request that failed alone (its sampling or post-processing raised) ends with an output that carries `error`
+    (an EngineError), no tokens and finish_reason ABORTED; the server turns the error into the RPC's status."""
 
     request_id: str
     token_ids: tuple[int, ...]
@@ -201,6 +205,7 @@ class RequestOutput:
     seed: int | None = None
     certificate: Any = None  # engine.kv.stats.CertificateStats on the last output of a tiered engine
     escalations: tuple = ()  # engine.kv.stats.EscalationRecord of this step
+    error: Exception | None = None  # engine.errors.EngineError: this request failed (alone) at this step
 
     @property
     def finished(self) -> bool:

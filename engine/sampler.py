@@ -2,15 +2,24 @@
 presence as in OpenAI on the output), suppression of EOS and stop tokens until min_new_tokens, then greedy argmax
 or temperature -> top-k -> top-p -> min-p and a draw from the request's own generator. Each request draws only
 from its own seeded generator, so a seed gives the same tokens whatever else shares the batch. Log-probabilities
-describe the raw model distribution (before penalties and temperature)."""
+describe the raw model distribution (before penalties and temperature).
+
+A row fails alone: when its parameters or its logits leave no usable distribution (a NaN or +inf logit, no finite
+logit, probabilities that are not finite or sum to 0) or anything raises while it is processed, `sample` reports
+an error for that row (InvalidRequest when the model's logits were fine and the request's parameters broke them,
+RequestFailed otherwise) and every other row keeps its token. `sample` itself never raises for one row."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
+from engine.errors import EngineError, InvalidRequest, RequestFailed
 from engine.request import Request, TokenLogprob
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -21,34 +30,90 @@ class SamplerState:
     generator: torch.Generator
 
 
+@dataclass(frozen=True, slots=True)
+class SampleResult:
+    tokens: list[int | None]  # S: each row's token; None where the row failed
+    logprobs: list[TokenLogprob | None]  # S: None where not requested or the row failed
+    errors: dict[int, EngineError]  # row -> why that row's request fails; the other rows are unaffected
+
+
 def new_state(seed: int, device: torch.device) -> SamplerState:
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return SamplerState(seed, generator)
 
 
-def sample(logits: torch.Tensor, requests: list[Request], states: list[SamplerState]) -> tuple[list[int], list]:
-    """logits [S, V] float32 -> (S tokens, S TokenLogprob or None)."""
-    raw = logits
-    if any(r.sampling.has_penalties or r.num_output_tokens < r.stopping.min_new_tokens for r in requests):
-        logits = logits.clone()
-        for row, request in zip(logits, requests):
+def sample(logits: torch.Tensor, requests: list[Request], states: list[SamplerState]) -> SampleResult:
+    """logits [S, V] float32 -> one token (or one error) per row."""
+    errors: dict[int, EngineError] = {}
+    processed = _processed(logits, requests, errors)
+    usable = _usable(processed)
+    tokens: list[int | None] = processed.argmax(dim=-1).tolist()
+    for i, ok in enumerate(usable):
+        if not ok and i not in errors:
+            errors[i] = _unusable(logits[i])
+    random_rows = [i for i, r in enumerate(requests) if not r.sampling.greedy and i not in errors]
+    if random_rows:
+        _draw(processed, requests, states, random_rows, tokens, errors)
+    logprobs = _logprobs(logits, requests, tokens, errors)
+    return SampleResult([None if i in errors else t for i, t in enumerate(tokens)], logprobs, errors)
+
+
+def _processed(logits: torch.Tensor, requests: list[Request], errors: dict[int, EngineError]) -> torch.Tensor:
+    """Penalties and stop-token suppression, row by row (a row that raises is that row's failure)."""
+    if not any(r.sampling.has_penalties or r.num_output_tokens < r.stopping.min_new_tokens for r in requests):
+        return logits
+    logits = logits.clone()
+    for i, (row, request) in enumerate(zip(logits, requests)):
+        try:
             _apply_penalties(row, request)
             _suppress_stops(row, request)
-    tokens = logits.argmax(dim=-1)
-    random_rows = [i for i, r in enumerate(requests) if not r.sampling.greedy]
-    if random_rows:
-        probs = _filtered_probs(logits[random_rows], [requests[i].sampling for i in random_rows])
-        for row_probs, i in zip(probs, random_rows):
-            tokens[i] = torch.multinomial(row_probs, 1, generator=states[i].generator)[0]
-    token_list = tokens.tolist()
-    return token_list, _logprobs(raw, requests, token_list)
+        except Exception as exc:
+            errors[i] = _failed(request, exc)
+    return logits
+
+
+def _usable(rows: torch.Tensor) -> list[bool]:
+    """Per row: no NaN, no +inf, and at least one finite logit (-inf marks a token that cannot be drawn)."""
+    return (~(rows.isnan() | rows.isposinf()).any(dim=-1) & rows.isfinite().any(dim=-1)).tolist()
+
+
+def _unusable(raw: torch.Tensor) -> EngineError:
+    """The error of a row with no usable distribution: the model's fault if its own logits were unusable."""
+    if _usable(raw[None])[0]:
+        return InvalidRequest("sampling", "these sampling parameters leave no finite token probability for this "
+                                          "request (lower the penalties or raise the temperature)")
+    return RequestFailed("the model produced non-finite logits for this request")
+
+
+def _failed(request: Request, exc: Exception) -> EngineError:
+    log.error("sampling failed for request %s", request.client_id, exc_info=exc)
+    return RequestFailed("sampling this request's token failed")
+
+
+def _draw(logits: torch.Tensor, requests: list[Request], states: list[SamplerState], rows: list[int],
+          tokens: list, errors: dict[int, EngineError]) -> None:
+    """Draws each row in `rows` from its filtered distribution; a row that cannot be drawn gets an error."""
+    try:
+        probs = _filtered_probs(logits[rows], [requests[i].sampling for i in rows])
+    except Exception:  # a row's parameters must not cost the others their draw: filter each row alone
+        probs = None
+    for n, i in enumerate(rows):
+        try:
+            row = probs[n] if probs is not None else _filtered_probs(logits[i : i + 1], [requests[i].sampling])[0]
+            if not bool(torch.isfinite(row).all() & (row.sum() > 0)):
+                errors[i] = _unusable(logits[i])
+                continue
+            tokens[i] = int(torch.multinomial(row, 1, generator=states[i].generator)[0])
+        except Exception as exc:
+            errors[i] = _failed(requests[i], exc)
 
 
 def _apply_penalties(row: torch.Tensor, request: Request) -> None:
     params = request.sampling
     if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(request.token_ids)), device=row.device)
+        seen = torch.tensor(sorted(t for t in set(request.token_ids) if 0 <= t < row.numel()), device=row.device,
+                            dtype=torch.int64)
         values = row[seen]
         row[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
     if params.frequency_penalty or params.presence_penalty:
@@ -58,13 +123,15 @@ def _apply_penalties(row: torch.Tensor, request: Request) -> None:
 
 
 def _suppress_stops(row: torch.Tensor, request: Request) -> None:
+    """EOS and stop tokens get -inf until min_new_tokens; ids outside the logits (refused at admission) are skipped."""
     if request.num_output_tokens >= request.stopping.min_new_tokens:
         return
     stops = set(request.stopping.stop_token_ids)
     if not request.stopping.ignore_eos:
         stops.update(request.eos_token_ids)
+    stops = sorted(t for t in stops if 0 <= t < row.numel())
     if stops:
-        row[torch.tensor(sorted(stops), device=row.device)] = float("-inf")
+        row[torch.tensor(stops, device=row.device)] = float("-inf")
 
 
 def _filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
@@ -72,11 +139,11 @@ def _filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
     device = logits.device
     temperature = torch.tensor([p.temperature for p in params], device=device)
     logits = logits / temperature[:, None]
-    top_k = [p.top_k for p in params]
+    vocab = logits.shape[-1]
+    top_k = [min(p.top_k, vocab) for p in params]
     top_p = [p.top_p for p in params]
     if any(top_k) or any(p < 1.0 for p in top_p):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        vocab = logits.shape[-1]
         limit = torch.tensor([k if k > 0 else vocab for k in top_k], device=device)
         sorted_logits.masked_fill_(torch.arange(vocab, device=device)[None, :] >= limit[:, None], float("-inf"))
         sorted_probs = torch.softmax(sorted_logits, dim=-1)
@@ -92,17 +159,20 @@ def _filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
     return probs
 
 
-def _logprobs(raw: torch.Tensor, requests: list[Request], tokens: list[int]) -> list[TokenLogprob | None]:
-    rows = [i for i, r in enumerate(requests) if r.sampling.logprobs or r.sampling.top_logprobs]
+def _logprobs(raw: torch.Tensor, requests: list[Request], tokens: list, errors: dict[int, EngineError]) -> list:
+    """Each requesting row's TokenLogprob (of the raw distribution); a row that raises here fails alone."""
+    rows = [i for i, r in enumerate(requests) if (r.sampling.logprobs or r.sampling.top_logprobs) and i not in errors]
     result: list[TokenLogprob | None] = [None] * len(requests)
     if not rows:
         return result
     logprobs = torch.log_softmax(raw[rows], dim=-1)
     for lp, i in zip(logprobs, rows):
-        n = requests[i].sampling.top_logprobs
-        top = ()
-        if n:
-            values, ids = lp.topk(n)
-            top = tuple(zip(ids.tolist(), values.tolist()))
-        result[i] = TokenLogprob(tokens[i], lp[tokens[i]].item(), top)
+        try:
+            top = ()
+            if n := min(requests[i].sampling.top_logprobs, lp.numel()):
+                values, ids = lp.topk(n)
+                top = tuple(zip(ids.tolist(), values.tolist()))
+            result[i] = TokenLogprob(tokens[i], lp[tokens[i]].item(), top)
+        except Exception as exc:
+            errors[i] = _failed(requests[i], exc)
     return result
