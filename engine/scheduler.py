@@ -6,6 +6,11 @@ the budget. When blocks run out, the newest running request is preempted by reco
 its counter goes back to zero and it waits at the head of the queue, keeping the tokens it has generated. The
 oldest request therefore always progresses, and a request whose prompt + max_new_tokens fits the pool always
 finishes.
+
+Paused requests (their client is not reading) are never scheduled and never hold what a reading request needs:
+they keep their blocks and batch slot only while nobody else wants them. They are the first victims of
+preemption, both when blocks run out and when a waiting request finds the batch full; a paused request that waits
+is skipped by admission until it is resumed.
 """
 
 from __future__ import annotations
@@ -69,8 +74,8 @@ class Scheduler:
         return bool(self.requests)
 
     def has_runnable(self) -> bool:
-        """Something to schedule: a waiting request, or a running one that is not paused."""
-        return bool(self.waiting) or any(r.request_id not in self.paused for r in self.running)
+        """Something to schedule: a request, waiting or running, that is not paused."""
+        return any(r.request_id not in self.paused for r in (*self.waiting, *self.running))
 
     def finish(self, request_id: str, reason: FinishReason) -> Request | None:
         """Ends a request (stop condition, abort); frees its blocks. None when it is not in the scheduler."""
@@ -97,7 +102,7 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING or num_new <= 0 or request.request_id in self.paused:
                 continue
             while not self.blocks.can_allocate(request.request_id, request.num_computed_tokens + num_new):
-                victim = max(self.running, key=lambda r: self._arrival[r.request_id])
+                victim = max(self.running, key=lambda r: (r.request_id in self.paused, self._arrival[r.request_id]))
                 budget += self._preempt(victim, scheduled)
                 preempted.append(victim.request_id)
                 if victim is request:
@@ -106,7 +111,7 @@ class Scheduler:
                 scheduled[request.request_id] = self._schedule(request, num_new)
                 budget -= num_new
         if not preempted:
-            budget = self._admit_waiting(budget, scheduled)
+            budget = self._admit_waiting(budget, scheduled, preempted)
         return SchedulerOutput(list(scheduled.values()), preempted)
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
@@ -126,18 +131,31 @@ class Scheduler:
                 finished.append(self.finish(item.request_id, reason))
         return finished
 
-    def _admit_waiting(self, budget: int, scheduled: dict[str, ScheduledRequest]) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+    def _admit_waiting(self, budget: int, scheduled: dict[str, ScheduledRequest], preempted: list[str]) -> int:
+        """Admits waiting requests in order (paused ones skipped) while the budget, the batch and the blocks allow,
+        preempting paused running requests to make room."""
+        for request in [r for r in self.waiting if r.request_id not in self.paused]:
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.blocks.can_allocate(request.request_id, request.num_computed_tokens + num_new):
+            if num_new <= 0 or not self._make_room(request, num_new, preempted):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             scheduled[request.request_id] = self._schedule(request, num_new)
             budget -= num_new
         return budget
+
+    def _make_room(self, request: Request, num_new: int, preempted: list[str]) -> bool:
+        """A batch slot and the blocks for `request`, preempting paused running requests (newest first) if need be."""
+        while (len(self.running) >= self.config.max_num_seqs
+               or not self.blocks.can_allocate(request.request_id, request.num_computed_tokens + num_new)):
+            paused = [r for r in self.running if r.request_id in self.paused]
+            if not paused:
+                return False
+            victim = max(paused, key=lambda r: self._arrival[r.request_id])
+            self._preempt(victim, {})
+            preempted.append(victim.request_id)
+        return True
 
     def _schedule(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens

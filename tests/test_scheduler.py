@@ -198,3 +198,90 @@ def test_random_workload_drains_with_every_block_free(seed, num_blocks, block_si
     ended += [r.request_id for r in run_to_completion(scheduler, runner)]
     assert scheduler.blocks.num_free == num_blocks
     assert sorted(ended) == sorted(added), "a request ended twice or never"
+
+
+# ---- paused requests (their client is not reading) give way (issue 17, item 2) ------------------------------------
+def test_paused_requests_give_their_batch_slots_to_waiting_requests():
+    """max_num_seqs paused requests hold every slot; a new request is admitted by preempting the newest paused one,
+    and the paused requests are never scheduled until resumed."""
+    scheduler = make_scheduler(num_blocks=64, budget=64, max_seqs=2)
+    runner = FakeRunner(scheduler)
+    for rid in ("slow1", "slow2"):
+        scheduler.add(make_request(rid, 4, max_new=50))
+    runner.step()
+    scheduler.paused |= {"slow1", "slow2"}
+    assert not scheduler.has_runnable()
+    scheduler.add(make_request("reader", 4, max_new=3))
+    out, _ = runner.step()
+    assert out.preempted == ["slow2"] and [s.request_id for s in out.scheduled] == ["reader"]
+    finished = run_to_completion_of(scheduler, runner, "reader")
+    assert finished.finish_reason is FinishReason.LENGTH
+    assert scheduler.requests["slow2"].status is RequestStatus.WAITING and not scheduler.has_runnable()
+    scheduler.paused.clear()  # both clients read again: both finish
+    run_to_completion(scheduler, runner)
+    assert scheduler.blocks.num_free == 64
+
+
+def test_paused_requests_are_preempted_first_under_kv_pressure():
+    scheduler = make_scheduler(num_blocks=7, block_size=4, budget=64, max_seqs=4)
+    runner = FakeRunner(scheduler)
+    scheduler.add(make_request("old", 8, max_new=12))  # 5 blocks at the end
+    scheduler.add(make_request("paused", 4, max_new=12))
+    runner.step()
+    scheduler.paused.add("paused")
+    scheduler.add(make_request("young", 4, max_new=8))  # the newest: without pauses, the first victim
+    preempted = []
+    while "old" in scheduler.requests or "young" in scheduler.requests:
+        out, _ = runner.step()
+        preempted += out.preempted
+        assert "paused" not in {s.request_id for s in out.scheduled}
+    assert preempted == ["paused"]
+    scheduler.paused.clear()
+    run_to_completion(scheduler, runner)
+
+
+def test_a_paused_waiting_request_does_not_block_the_queue():
+    scheduler = make_scheduler(num_blocks=64, budget=64, max_seqs=1)
+    runner = FakeRunner(scheduler)
+    scheduler.add(make_request("a", 4, max_new=40))
+    runner.step()
+    scheduler.paused.add("a")
+    scheduler.add(make_request("b", 4, max_new=2))
+    runner.step()  # "a" preempted for the slot, now waits at the head of the queue, paused
+    assert scheduler.waiting[0].request_id == "a"
+    run_to_completion_of(scheduler, runner, "b")
+    assert not scheduler.has_runnable()  # only the paused request is left: the engine thread sleeps
+
+
+def run_to_completion_of(scheduler, runner, rid, max_steps=1000):
+    for _ in range(max_steps):
+        out, finished = runner.step()
+        for request in finished:
+            if request.request_id == rid:
+                return request
+    raise AssertionError(f"{rid} did not finish")
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 10_000), num_blocks=st.integers(8, 40), budget=st.integers(1, 64),
+       max_seqs=st.integers(1, 6))
+def test_random_pauses_never_block_a_reader(seed, num_blocks, budget, max_seqs):
+    """Random arrivals, pauses and resumes: a paused request is never scheduled, and whenever some request is not
+    paused, every step makes progress (schedules or preempts something)."""
+    rng = random.Random(seed)
+    scheduler = make_scheduler(num_blocks, 4, budget, max_seqs, max_len=num_blocks * 4)
+    runner = FakeRunner(scheduler, seed=seed)
+    for step in range(150):
+        if rng.random() < 0.3:
+            prompt = rng.randint(1, num_blocks * 2)
+            scheduler.add(make_request(f"r{step}", prompt, rng.randint(1, num_blocks * 4 - prompt)))
+        if rng.random() < 0.2 and scheduler.requests:
+            rid = rng.choice(sorted(scheduler.requests))
+            (scheduler.paused.discard if rid in scheduler.paused else scheduler.paused.add)(rid)
+        readers = set(scheduler.requests) - scheduler.paused
+        out, _ = runner.step()
+        assert not {s.request_id for s in out.scheduled} & scheduler.paused
+        assert not readers or out.scheduled or out.preempted, "a reading request was left waiting"
+    scheduler.paused.clear()
+    run_to_completion(scheduler, runner)
+    assert scheduler.blocks.num_free == num_blocks
