@@ -44,21 +44,20 @@ def load_tokenizer(path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(path)
 
 
-def context_limit(hf: PretrainedConfig) -> int:
-    """The longest context the model supports with full attention (a sliding window caps it)."""
-    limit = hf.max_position_embeddings
-    window = getattr(hf, "sliding_window", None)
-    if window and getattr(hf, "use_sliding_window", True):
-        limit = min(limit, window)
-    return limit
-
-
 def check_supported(hf: PretrainedConfig) -> None:
-    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if getattr(hf, name, None):
-            raise ValueError(f"model: {hf.model_type} uses {name}, which certkv attention does not implement")
-    if getattr(hf, "layer_types", None) and any(t != "full_attention" for t in hf.layer_types):
-        raise ValueError(f"model: {hf.model_type} mixes attention types {set(hf.layer_types)}; only full attention")
+    """Layer types certkv attention computes: full attention and sliding windows (the window arrives with each call)."""
+    kinds = set(getattr(hf, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+    if kinds:
+        raise ValueError(f"model: {hf.model_type} uses attention layers of types {sorted(kinds)}; certkv implements "
+                         f"full and sliding-window attention")
+
+
+class _AttentionProbe:
+    """A KV cache for one dry forward pass: attention returns zeros, so the model's own attention keywords are checked
+    (engine.attention.check_arguments) before any request runs."""
+
+    def forward(self, layer, q, k, v, batch, scale, window=None):
+        return torch.zeros_like(q)
 
 
 def eos_ids(model, tokenizer) -> tuple[int, ...]:
@@ -83,6 +82,7 @@ class ModelRunner:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, attn_implementation=ATTN_IMPLEMENTATION)
         self.model = model.to(self.device).eval()
         self.spec = self._build_spec(config, str(path))
+        self.probe_attention()
         self.cache = self._build_cache(config)
         log.info("loaded %s (%s, %s on %s): %d KV blocks of %d tokens", path, self.spec.architecture, self.dtype,
                  self.device, self.spec.num_kv_blocks, config.block_size)
@@ -93,7 +93,7 @@ class ModelRunner:
         heads = hf.num_attention_heads
         kv_heads = getattr(hf, "num_key_value_heads", None) or heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
-        limit = context_limit(hf)
+        limit = hf.max_position_embeddings
         if config.max_model_len and config.max_model_len > limit:
             raise ValueError(f"EngineConfig.max_model_len: {config.max_model_len} exceeds the model's context {limit}")
         blocks = config.num_kv_blocks or self._blocks_for_budget(config, hf.num_hidden_layers, kv_heads, head_dim)
@@ -141,6 +141,14 @@ class ModelRunner:
         path = Path(config.headq_basis) if config.headq_basis else self.path / BASIS_FILE
         spec = self.spec
         return load_basis(path, spec.num_layers, spec.num_kv_heads, spec.head_dim, config.headq_rank).to(self.device)
+
+    @torch.inference_mode()
+    def probe_attention(self) -> None:
+        """One token through the model with a probe cache: a model whose attention passes a keyword certkv does not
+        implement (engine.attention.UnsupportedAttention) is refused at load, with the keyword's name."""
+        token = torch.zeros(1, 1, dtype=torch.int64, device=self.device)
+        self.model(input_ids=token, position_ids=token, use_cache=False, forward_batch=object(),
+                   kv_cache=_AttentionProbe())
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, requests: list[Request]) -> tuple[ForwardBatch, torch.Tensor]:

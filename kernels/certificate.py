@@ -28,12 +28,16 @@ sum p^ = sum p = 1, any centre c can be subtracted from the values, and E_key is
       on every token: u_P W' more.)
   (b) form (c) per block: each block of T with its own Delta_b and mass rho_b in m_lo, m_hi and e^Delta_b - 1
       (blockwise_key_error), so that a light block with a large key error does not set the bound for the whole tail.
-E_fp = RELATIVE_MARGIN (E_val + E_key) + output_rounding: the float32 error of the kernel and of this
-arithmetic (bound_terms). KL(p || p^) <= Delta_T^2 / 2.
+E_fp = RELATIVE_MARGIN (E_val + E_key) + output_rounding + cast_error: the float32 error of the kernel and of this
+arithmetic, and the rounding of the output into the model's dtype (bound_terms). KL(p || p^) <= Delta_T^2 / 2.
 
-Accepted ("certified") when E_val + E_key + E_fp <= tolerance * max(||O|| - bound, floor) with floor = FLOOR_FRACTION
-times the RMS norm of the attended values, sqrt(sum p^_j n_j^2) (>= ||O||): the error is at most `tolerance` times the
-larger of the reference output's norm and the typical norm of what the head averages.
+The promise is about the reference: ||O_served - O_ref|| <= tolerance * S_ref with S_ref = max(||O_ref||, RMS_ref),
+RMS_ref = sqrt(sum_j p_j ||v_j||^2) the RMS norm of the attended values under the reference weights, O_served what
+leaves attention (O cast to the model's dtype: cast_error adds that rounding to the bound). A head is accepted
+("certified") when bound <= tolerance * S_lo with S_lo <= S_ref computed from what the kernel knows: ||O|| - bound
+<= ||O_ref||, and rms_lower_bound <= RMS_ref, which uses lower norms l_j <= ||v_j|| (stored ||v^_j|| rounded down,
+minus eta_j; the exact norm where the exact value is read) under weights discounted for the key error
+(p_j >= p^_j e^-Delta_b / m_hi). Upper bounds of norms are right inside the spread terms and wrong here.
 """
 
 from __future__ import annotations
@@ -44,7 +48,6 @@ import torch
 
 UNIT_ROUNDOFF = 2.0**-24  # float32, the precision the certified kernel computes in
 RELATIVE_MARGIN = 2.0**-12  # on the bound itself: the terms above are computed in float32 too
-FLOOR_FRACTION = 1.0  # floor = FLOOR_FRACTION * RMS of the attended values
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,17 +166,57 @@ def output_rounding(score_error: torch.Tensor, value_scale: torch.Tensor, length
 
 
 def bound_terms(e_val, delta_t, alpha_t, radius, w_all, w_tail, score_error, value_scale, length: int,
-                head_dim: int, blocks: tuple | None = None) -> BoundTerms:
-    """All terms for a batch of heads (tensors broadcast together), from the kernel's accumulators."""
+                head_dim: int, blocks: tuple | None = None, cast=0.0) -> BoundTerms:
+    """All terms for a batch of heads (tensors broadcast together), from the kernel's accumulators; `cast` is the
+    rounding of the output into the served dtype (cast_error), part of E_fp."""
     rounding = output_rounding(score_error, value_scale, length, head_dim)
     centre = e_val + rounding
     e_key = key_error(delta_t, alpha_t, radius, w_all, w_tail, centre, blocks)
-    return BoundTerms(e_val, e_key, RELATIVE_MARGIN * (e_val + e_key) + rounding, centre)
+    return BoundTerms(e_val, e_key, RELATIVE_MARGIN * (e_val + e_key) + rounding + cast, centre)
 
 
-def threshold(out_norm: torch.Tensor, bound: torch.Tensor, rms: torch.Tensor, tolerance) -> torch.Tensor:
-    """tolerance * max(||O|| - bound, FLOOR_FRACTION * RMS of the attended values)."""
-    return tolerance * torch.maximum(out_norm - bound, FLOOR_FRACTION * rms)
+def lower_norm(stored: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """A lower bound of ||v^_j|| from its stored norm u_j (kernels.formats.token_norms: the float32 norm, inflated by
+    2^-20 and one ulp, rounded up into float16). The float16 ceiling lies less than one float16 spacing above what it
+    rounded (2^-10 relative for normal numbers, 2^-24 absolute below them), the inflation is under 2^-18, and a float32
+    norm of D numbers is within gamma_(D+2) of the exact one; 2^-22 more covers this product's own rounding."""
+    return (stored.float() * norm_shrink(head_dim) - 2.0**-24).clamp_min(0)
+
+
+def norm_shrink(head_dim: int) -> float:
+    """lower_norm's factor: lower_norm(u) = max(u * norm_shrink - 2^-24, 0)."""
+    return (1 - 2.0**-10) * (1 - 2.0**-18) * (1 - 2.0**-22) * (1 - gamma(head_dim + 2))
+
+
+def rms_lower_bound(low_square, block_delta, rho, score_error, length: int, head_dim: int) -> torch.Tensor:
+    """A lower bound of RMS_ref = sqrt(sum_j p_j ||v_j||^2) for blocks [..., nb + 1] (the partial block last, its keys
+    exact): low_square = sum_(j in b) p^_j l_j^2 with l_j <= ||v_j||, block_delta [..., nb] = Delta_b (0 for blocks
+    whose keys are exact), rho = the block masses.
+
+    p_j = p^_j s_j / S with s_j = e^-delta_j >= e^-Delta_b in block b and S <= m_hi = 1 + sum_b rho_b (e^Delta_b - 1),
+    so RMS_ref^2 >= sum_b e^-Delta_b low_square_b / m_hi. The computed weights are those of scores within
+    score_error = d of the exact ones: every computed weight is within a factor e^(2d) (and float32 sums within gamma)
+    of p^_j, so the computed sums are discounted by e^-2d and the masses in m_hi inflated by e^2d."""
+    g = gamma(length + head_dim)
+    drift = torch.exp(2 * score_error)
+    grow = torch.expm1(block_delta)
+    m_hi = 1 + drift * (1 + g) * (rho[..., :-1] * grow).sum(dim=-1)
+    kept = (low_square[..., :-1] * torch.exp(-block_delta)).sum(dim=-1) + low_square[..., -1]
+    mean = kept * (1 - 2 * g) / (drift * m_hi)
+    return torch.nan_to_num(mean.clamp_min(0).sqrt() * (1 - 2.0**-20), nan=0.0)
+
+
+def cast_error(out: torch.Tensor, served: torch.Tensor) -> torch.Tensor:
+    """||served - O|| per head, rounded up: the rounding of the float32 output O [..., D] into the model's dtype
+    (each difference is exact in float32; the norm's own rounding is within gamma_(D+2))."""
+    return (served.float() - out).norm(dim=-1) * (1 + gamma(out.shape[-1] + 2))
+
+
+def threshold(out_norm: torch.Tensor, bound: torch.Tensor, rms_low: torch.Tensor, tolerance) -> torch.Tensor:
+    """tolerance * S_lo, S_lo = max(||O|| - bound, rms_low) <= max(||O_ref||, RMS_ref) (out_norm: a lower bound of
+    ||O||). A limit that is not finite (an overflow) accepts nothing: it becomes -1."""
+    limit = tolerance * torch.maximum(out_norm - bound, rms_low)
+    return torch.where(torch.isfinite(limit), limit, -1.0)
 
 
 def kl_bound(delta_t: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.certificate import gamma, norm_shrink
 from kernels.reference import DecodeAccumulators, DecodeView, QuantizedLayer
 
 BLOCKS_PER_SPLIT = 16  # blocks of 16 tokens a program walks, at most
@@ -30,9 +31,9 @@ def _finite_or_zero(m):
 
 @triton.jit
 def _decode_kernel(q_ptr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, token_notes, slots, scratch_k,
-                   scratch_v, tail_k, tail_v, tables, num_full, tail_lens, seq_slots, use_scratch,
+                   scratch_v, scratch_norms, tail_k, tail_v, tables, num_full, tail_lens, seq_slots, use_scratch, starts,
                    out_ptr, split_max, split_sum, block_max, block_sums, key_dots, value_max,
-                   scale, nb, splits, blocks_per_split, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                   scale, shrink, exact_shrink, widen, nb, splits, blocks_per_split, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                    D: tl.constexpr, BS: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
                    GROUP: tl.constexpr):
     pid, split = tl.program_id(0), tl.program_id(1)
@@ -44,6 +45,7 @@ def _decode_kernel(q_ptr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, to
     q_abs = tl.abs(q)
     full = tl.load(num_full + seq).to(tl.int32)
     filled = tl.load(tail_lens + seq).to(tl.int32)
+    first = tl.load(starts + seq).to(tl.int32)  # sliding window: the first attended token from the table's start
     scratch_on = tl.load(use_scratch + seq) != 0
     KPB: tl.constexpr = 8 // K_BITS
     VPB: tl.constexpr = 8 // V_BITS
@@ -73,9 +75,12 @@ def _decode_kernel(q_ptr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, to
                 k = ((k_byte >> k_shift) & ((1 << K_BITS) - 1)).to(tl.float32) * ks[None, :] + kz[None, :]
             eta = tl.load(token_notes + (piece * BS + t) * 2).to(tl.float32)
             norm = tl.load(token_notes + (piece * BS + t) * 2 + 1).to(tl.float32)
+            low = tl.maximum(norm * shrink - 2.0**-24 - eta, 0.0)  # certificate.lower_norm minus eta
             if v_slot >= 0:
                 v = tl.load(scratch_v + (v_slot * BS + t[:, None]) * D + d[None, :]).to(tl.float32)
-                norm = norm + eta
+                exact = tl.load(scratch_norms + v_slot * BS + t)
+                norm = exact * widen
+                low = exact * exact_shrink
                 eta = tl.zeros_like(eta)
             else:
                 token = piece * BS + t[:, None]
@@ -83,13 +88,15 @@ def _decode_kernel(q_ptr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, to
                 vs = tl.load(v_scale + token * (D // GROUP) + (d // GROUP)[None, :]).to(tl.float32)
                 vz = tl.load(v_zero + token * (D // GROUP) + (d // GROUP)[None, :]).to(tl.float32)
                 v = ((v_byte >> v_shift) & ((1 << V_BITS) - 1)).to(tl.float32) * vs + vz
-            valid = t < BS
+            valid = b * BS + t >= first
         else:
-            valid = t < filled
+            valid = (t < filled) & (full * BS + t >= first)
             at = ((tl.load(seq_slots + seq) * BS + t) * HKV + h)[:, None] * D + d[None, :]
             k = tl.load(tail_k + at, mask=valid[:, None], other=0.0).to(tl.float32)
             v = tl.load(tail_v + at, mask=valid[:, None], other=0.0).to(tl.float32)
-            norm = tl.sqrt(tl.sum(v * v, axis=1))
+            exact = tl.sqrt(tl.sum(v * v, axis=1))
+            norm = exact * widen
+            low = exact * exact_shrink
             eta = tl.zeros_like(norm)
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
         s = tl.where(valid[None, :], s, -float("inf"))
@@ -97,13 +104,15 @@ def _decode_kernel(q_ptr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, to
         e = tl.where(valid[None, :], tl.exp(s - _finite_or_zero(m_b)[:, None]), 0.0)
         eta = tl.where(valid, eta, 0.0)
         norm = tl.where(valid, norm, 0.0)
+        low = tl.where(valid, low, 0.0)
         at_b = tl.where(b < full, b, nb)  # the partial block is reported last, after the nb full ones
-        sums = (head_row * (nb + 1) + at_b) * 4
+        sums = (head_row * (nb + 1) + at_b) * 5
         tl.store(block_max + head_row * (nb + 1) + at_b, m_b, mask=live)
         tl.store(block_sums + sums, tl.sum(e, axis=1), mask=live)
         tl.store(block_sums + sums + 1, tl.sum(e * eta[None, :], axis=1), mask=live)
         tl.store(block_sums + sums + 2, tl.sum(e * norm[None, :], axis=1), mask=live)
         tl.store(block_sums + sums + 3, tl.sum(e * (norm * norm)[None, :], axis=1), mask=live)
+        tl.store(block_sums + sums + 4, tl.sum(e * (low * low)[None, :], axis=1), mask=live)
         tl.store(value_max + (seq * HKV + h) * (nb + 1) + at_b, tl.max(norm, axis=0))
         m_new = tl.maximum(m_i, m_b)
         alpha = tl.exp(m_i - _finite_or_zero(m_new))
@@ -130,16 +139,17 @@ def decode_accumulators(q, layer: QuantizedLayer, view: DecodeView, scale: float
     split_max = torch.empty(batch, kv_heads, groups, splits, **new)
     split_sum = torch.empty(batch, kv_heads, groups, splits, **new)
     block_max = torch.full((batch, kv_heads, groups, nb + 1), -torch.inf, **new)
-    block_sums = torch.zeros(batch, kv_heads, groups, nb + 1, 4, **new)
+    block_sums = torch.zeros(batch, kv_heads, groups, nb + 1, 5, **new)
     key_dots = torch.zeros(batch, kv_heads, groups, nb, 2, **new)
     value_max = torch.zeros(batch, kv_heads, nb + 1, **new)
     if batch:
         _decode_kernel[(batch * kv_heads, splits)](
             q, layer.k_codes, layer.k_scale, layer.k_zero, layer.v_codes, layer.v_scale, layer.v_zero,
-            layer.token_notes, layer.slots, layer.scratch_k, layer.scratch_v, layer.tail_k, layer.tail_v,
-            view.block_tables, view.num_full, view.tail_lens, view.slots, view.use_scratch,
+            layer.token_notes, layer.slots, layer.scratch_k, layer.scratch_v, layer.scratch_norms, layer.tail_k,
+            layer.tail_v,
+            view.block_tables, view.num_full, view.tail_lens, view.slots, view.use_scratch, view.start,
             out, split_max, split_sum, block_max, block_sums, key_dots, value_max,
-            scale, nb, splits, per_split, HKV=kv_heads, G=groups, GP=max(triton.next_power_of_2(groups), 2), D=dim,
+            scale, norm_shrink(dim), 1 - gamma(dim + 2), 1 + gamma(dim + 2), nb, splits, per_split, HKV=kv_heads, G=groups, GP=max(triton.next_power_of_2(groups), 2), D=dim,
             BS=bs, K_BITS=quantizer.k_bits, V_BITS=quantizer.v_bits, GROUP=16, **LAUNCH)
     top = split_max.amax(dim=-1, keepdim=True)
     weight = torch.where(split_sum > 0, torch.exp(split_max - top), 0.0)

@@ -6,13 +6,15 @@ D head dim, L context length, blocks of `block_size` tokens.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels.certificate import block_deltas, block_spread, gamma, spread_around_output
+from kernels.certificate import (block_deltas, block_spread, cast_error, gamma, lower_norm, rms_lower_bound,
+                                 spread_around_output)
 from kernels.formats import Codes, channel_error_ratio, error_norms, token_error_norms, token_norms
 
 
@@ -41,8 +43,35 @@ def sdpa(q, k, v, **kwargs) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, lengths: list[int] | None = None):
-    """out[b] = softmax(scale * q[b] K_b^T) V_b over the first context_lens[b] cached tokens of sequence b.
+@contextlib.contextmanager
+def ieee_float32():
+    """float32 matmuls in IEEE single precision whatever the embedding process chose (TF32 on CUDA, bfloat16 passes on
+    CPUs that have them): the certificate's rounding terms assume float32 arithmetic. Also a decorator."""
+    previous = torch.get_float32_matmul_precision()
+    if previous == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def window_mask(length: int, context_lens: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[Bd, length] bool: positions a decode query attends, the first context_lens[b] tokens, or with a sliding window
+    the last `window` of them (the query's own position included, as in transformers)."""
+    position = torch.arange(length, device=context_lens.device)[None, :]
+    visible = position < context_lens[:, None]
+    if window is not None:
+        visible &= position >= context_lens[:, None] - window
+    return visible
+
+
+def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, lengths: list[int] | None = None,
+                     window: int | None = None):
+    """out[b] = softmax(scale * q[b] K_b^T) V_b over the first context_lens[b] cached tokens of sequence b (the last
+    `window` of them with a sliding window).
 
     q [Bd, H, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables [Bd, nb]; context_lens [Bd]
     (`lengths`: the same on the host, which spares a device sync). Returns [Bd, H, D]. GQA: query head h reads KV
@@ -53,30 +82,31 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, len
     keys = gather_blocks(k_cache, block_tables)[:, :longest].transpose(1, 2).to(q.dtype)  # [Bd, Hkv, L, D]
     values = gather_blocks(v_cache, block_tables)[:, :longest].transpose(1, 2).to(q.dtype)
     mask = None
-    if min(lengths) != longest:
-        mask = (torch.arange(longest, device=q.device)[None, :] < context_lens[:, None])[:, None, None, :]
+    if min(lengths) != longest or (window is not None and longest > window):
+        mask = window_mask(longest, context_lens, window)[:, None, None, :]
     out = sdpa(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.squeeze(2)
 
 
-def prefill_attention(q, keys, values, scale):
+def prefill_attention(q, keys, values, scale, window: int | None = None):
     """Causal attention of n new tokens over a context of L >= n tokens whose last n are the new ones.
 
-    q [n, H, D]; keys, values [L, Hkv, D]. Query i sits at position L - n + i and sees keys 0 .. L - n + i.
+    q [n, H, D]; keys, values [L, Hkv, D]. Query i sits at position L - n + i and sees keys 0 .. L - n + i (with a
+    sliding window, only the last `window` of those).
     """
     n, length = q.shape[0], keys.shape[0]
     q4, k4, v4 = (x.transpose(0, 1).unsqueeze(0) for x in (q, keys, values))
-    if n == length:  # no cached prefix: the same call as transformers' SDPA path, so prefill matches it bit for bit
+    if n == length and (window is None or window >= length):
+        # no cached prefix: the same call as transformers' SDPA path, so prefill matches it bit for bit
         out = sdpa(q4, k4, v4, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        visible = torch.arange(length, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None] + (
-            length - n)
-        out = sdpa(q4, k4, v4, attn_mask=visible, scale=scale, enable_gqa=True)
+        query_at = torch.arange(n, device=q.device) + (length - n)
+        out = sdpa(q4, k4, v4, attn_mask=window_mask(length, query_at + 1, window), scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)
 
 
-def paged_attention(q, k_cache, v_cache, batch, scale):
-    """Attention of every new token of a ForwardBatch over its sequence's cached tokens (causal).
+def paged_attention(q, k_cache, v_cache, batch, scale, window: int | None = None):
+    """Attention of every new token of a ForwardBatch over its sequence's cached tokens (causal, within `window`).
 
     q [T, H, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D] already holding this step's K/V. Returns [T, H, D].
     """
@@ -84,14 +114,29 @@ def paged_attention(q, k_cache, v_cache, batch, scale):
     if batch.decode_rows.numel():
         seqs = batch.decode_seqs
         out[batch.decode_rows] = decode_attention(q[batch.decode_rows], k_cache, v_cache, batch.block_tables[seqs],
-                                                  batch.context_lens[seqs], scale, batch.decode_lens)
+                                                  batch.context_lens[seqs], scale, batch.decode_lens, window)
     for seq in batch.prefill_seqs:
         lo, hi = batch.query_starts[seq], batch.query_starts[seq + 1]
         length = batch.starts[seq] + hi - lo
         table = batch.block_tables[seq]
-        out[lo:hi] = prefill_attention(
-            q[lo:hi], gather_blocks(k_cache, table, length), gather_blocks(v_cache, table, length), scale)
+        out[lo:hi] = prefill_attention(q[lo:hi], gather_blocks(k_cache, table, length),
+                                       gather_blocks(v_cache, table, length), scale, window)
     return out
+
+
+def reference_decode(q, keys, values, context_lens, scale, window: int | None = None):
+    """The promise's reference in float64: (O_ref [Bd, H, D], RMS_ref [Bd, H] = sqrt(sum_j p_j ||v_j||^2)) for decode
+    queries q [Bd, H, D] over exact keys, values [Bd, L, Hkv, D] (each sequence's first context_lens[b] tokens)."""
+    batch, heads, dim = q.shape
+    kv_heads = keys.shape[2]
+    grouped = q.double().view(batch, kv_heads, heads // kv_heads, dim)
+    k, v = keys.double().transpose(1, 2), values.double().transpose(1, 2)  # [Bd, Hkv, L, D]
+    scores = torch.matmul(grouped, k.transpose(-1, -2)) * scale  # [Bd, Hkv, G, L]
+    visible = window_mask(keys.shape[1], context_lens, window)[:, None, None, :]
+    probs = torch.softmax(scores.masked_fill(~visible, -torch.inf), dim=-1)
+    out = torch.matmul(probs, v).view(batch, heads, dim)
+    rms = torch.matmul(probs, (v * v).sum(dim=-1, keepdim=True)).sqrt().view(batch, heads)
+    return out, rms
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +158,7 @@ class QuantizedLayer:
     tail_v: torch.Tensor  # [S, bs, Hkv, D]
     scratch_k: torch.Tensor  # [C, bs, D] model dtype: promoted exact key blocks (one KV head each)
     scratch_v: torch.Tensor  # [C, bs, D]
+    scratch_norms: torch.Tensor  # [C, bs] float32: the float32 norm of each token of scratch_v's pieces
 
     eps = property(lambda self: self.block_notes[..., 0])
     kappa = property(lambda self: self.block_notes[..., 1])
@@ -132,6 +178,7 @@ class QuantizedBlocks:
     token_notes: torch.Tensor  # [N, Hkv, bs, 2] float16: eta_j, ||v^_j|| (QuantizedLayer.token_notes)
 
 
+@ieee_float32()
 def quantize_blocks(keys: torch.Tensor, values: torch.Tensor, quantizer) -> QuantizedBlocks:
     """Quantize-on-write: keys, values [N, Hkv, bs, D] exact -> codes, metadata and the error norms measured against
     the dequantization attention uses, rounded metadata included (rounded up: they stay upper bounds)."""
@@ -153,10 +200,11 @@ def scatter_blocks(dst: torch.Tensor, slots: torch.Tensor, src: torch.Tensor) ->
 class DecodeView:
     """The decoding sequences of one step, shared by all layers (make_view builds it)."""
 
-    block_tables: torch.Tensor  # [Bd, nb] int64: the full (quantized) blocks of each sequence, padded with 0
-    num_full: torch.Tensor  # [Bd] int64: full blocks of each sequence (context // bs)
+    block_tables: torch.Tensor  # [Bd, nb] int64: the full (quantized) blocks each sequence attends, padded with 0
+    num_full: torch.Tensor  # [Bd] int64: entries of block_tables in use (full blocks within the window)
     tail_lens: torch.Tensor  # [Bd] int64: tokens in the partial block (context % bs)
     slots: torch.Tensor  # [Bd] int64: sequence slots (tail buffers)
+    start: torch.Tensor  # [Bd] int64: first attended token, counted from the first table block (sliding window; else 0)
     full: torch.Tensor  # [Bd, nb] bool: block i < num_full
     valid: torch.Tensor  # [Bd, (nb + 1) * bs] bool: attended positions (full blocks, then the partial block)
     use_scratch: torch.Tensor  # [Bd] bool: exact scratch pieces replace quantized blocks (not for the naive baseline)
@@ -165,12 +213,15 @@ class DecodeView:
         return DecodeView(*(getattr(self, name)[index] for name in self.__slots__))
 
 
-def make_view(block_tables, num_full, tail_lens, slots, block_size: int, use_scratch) -> DecodeView:
+def make_view(block_tables, num_full, tail_lens, slots, block_size: int, use_scratch, start=None) -> DecodeView:
     nb, device = block_tables.shape[1], block_tables.device
+    start = torch.zeros_like(num_full) if start is None else start
     full = torch.arange(nb, device=device)[None, :] < num_full[:, None]
-    partial = torch.arange(block_size, device=device)[None, :] < tail_lens[:, None]
-    valid = torch.cat([full.repeat_interleave(block_size, dim=1), partial], dim=1)
-    return DecodeView(block_tables, num_full, tail_lens, slots, full, valid, use_scratch)
+    offset = torch.arange(block_size, device=device)[None, :]
+    partial = (offset < tail_lens[:, None]) & (offset + num_full[:, None] * block_size >= start[:, None])
+    in_window = torch.arange(nb * block_size, device=device)[None, :] >= start[:, None]
+    valid = torch.cat([full.repeat_interleave(block_size, dim=1) & in_window, partial], dim=1)
+    return DecodeView(block_tables, num_full, tail_lens, slots, start, full, valid, use_scratch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,11 +229,12 @@ class DecodeAccumulators:
     """What one pass over the cache reads off it (decode_accumulators below, or the Triton kernel). Blocks b are the nb
     full blocks, then the partial one (index nb). Each block keeps its own reference m_b = its largest score, and the
     sums over its tokens of e_j, e_j eta_j, e_j n_j and e_j n_j^2 with e_j = exp(s_j - m_b): a split of the sequence
-    writes its blocks without knowing the others, and finish_decode normalises once."""
+    writes its blocks without knowing the others, and finish_decode normalises once. n_j >= the norm of the value
+    attention reads, l_j <= the norm of the exact value (certificate.rms_lower_bound)."""
 
     out: torch.Tensor  # [Bd, Hkv, G, D] float32: O = sum_j p^_j v^_j
     block_max: torch.Tensor  # [Bd, Hkv, G, nb + 1]: m_b (-inf for a block with no token)
-    block_sums: torch.Tensor  # [Bd, Hkv, G, nb + 1, 4]: sum e, sum e eta, sum e n, sum e n^2
+    block_sums: torch.Tensor  # [Bd, Hkv, G, nb + 1, 5]: sum e, sum e eta, sum e n, sum e n^2, sum e l^2
     key_dots: torch.Tensor  # [Bd, Hkv, G, nb, 2]: Quantizer.key_contractions (min-max: sum |q| scale, sum |q| |zero|)
     value_max: torch.Tensor  # [Bd, Hkv, nb + 1]: max_j n_j over the block's attended tokens
     out_dots: torch.Tensor | None = None  # [Bd, Hkv, G, nb + 1]: O . sum_(j in b) p^_j v^_j (the twin: O is known)
@@ -203,13 +255,15 @@ class DecodeResult:
     alpha_t: torch.Tensor  # mass of T
     w_all: torch.Tensor  # W' (certificate.spread_around_output)
     w_tail: torch.Tensor  # W_T'
-    rms: torch.Tensor  # sqrt(sum_j p^_j n_j^2): the RMS norm of the attended values (n_j >= ||v^_j||)
+    rms_low: torch.Tensor  # a lower bound of the reference's RMS norm of the attended values (certificate)
     score_error: torch.Tensor  # gamma_(D+2) tau max_j sum_c |q_c| |k^_jc|: the float32 score error bound
+    cast: torch.Tensor  # ||O cast to q's dtype - O||: the rounding of what attention serves
     value_scale: torch.Tensor  # [Bd, Hkv, 1]: max_j n_j
     broken: torch.Tensor  # [Bd, Hkv] bool: some annotation of a quantized block is not finite (rung 4)
     length: int  # tokens attended per row, padding included (for gamma_L)
 
 
+@ieee_float32()
 def certified_decode(q, layer: QuantizedLayer, view: DecodeView, scale: float, quantizer) -> DecodeResult:
     """Certified paged decode attention (the twin end to end): q [Bd, H, D] -> DecodeResult."""
     return finish_decode(decode_accumulators(q, layer, view, scale, quantizer), q, layer, view, scale, quantizer)
@@ -220,6 +274,7 @@ def used_slots(layer: QuantizedLayer, view: DecodeView) -> torch.Tensor:
     return torch.where(view.use_scratch[:, None, None, None], take(layer.slots, view.block_tables), -1)
 
 
+@ieee_float32()
 def decode_accumulators(q, layer: QuantizedLayer, view: DecodeView, scale: float, quantizer) -> DecodeAccumulators:
     """Dequantized keys/values per block, exact partial and promoted blocks, softmax in float32. Full blocks stay in
     the gathered layout [Bd, nb, Hkv, bs, D]: one small matmul per block and head, no copy into one long sequence."""
@@ -250,25 +305,28 @@ def decode_accumulators(q, layer: QuantizedLayer, view: DecodeView, scale: float
     out_dots = torch.cat([block_dots, (partial * out).sum(dim=-1, keepdim=True)], dim=-1)  # O . P_b, partial last
     block_max = scores.amax(dim=-1)
     e = torch.where(valid, torch.exp(scores - block_max[..., None]), 0.0)
+    exact_norms = take(layer.scratch_norms, slots[..., 1].clamp(min=0).long()).transpose(1, 2)  # [Bd, Hkv, nb, bs]
     terms = _token_terms(take(layer.token_notes, tables), (view.full[:, :, None] & (slots[..., 1] < 0)).transpose(1, 2),
-                         tail_v, view)  # [Bd, Hkv, nb + 1, bs, 4]
+                         exact_norms, tail_v, view)  # [Bd, Hkv, nb + 1, bs, 5]
     dots = quantizer.key_contractions(grouped.abs(), k_scale, k_zero)
     dots = torch.where(view.full[:, None, None, :, None], dots, 0.0)  # padding entries of the tables: nothing
-    sums = torch.matmul(e.transpose(2, 3), terms).transpose(2, 3)  # [Bd, Hkv, G, nb + 1, 4]
+    sums = torch.matmul(e.transpose(2, 3), terms).transpose(2, 3)  # [Bd, Hkv, G, nb + 1, 5]
     return DecodeAccumulators(out=out, block_max=block_max, block_sums=sums, key_dots=dots,
                               value_max=terms[..., 2].amax(dim=-1), out_dots=out_dots)
 
 
+@ieee_float32()
 def finish_decode(acc: DecodeAccumulators, q, layer: QuantizedLayer, view: DecodeView, scale: float,
                   quantizer) -> DecodeResult:
-    """The certificate's per-head terms (DESIGN.md section 3) from one pass's accumulators: normalises the blocks'
-    sums by the softmax denominator, then adds what the metadata alone gives (Delta_b, the score error bound)."""
+    """The certificate's per-head terms (kernels.certificate) from one pass's accumulators: normalises the blocks'
+    sums by the softmax denominator, then adds what the metadata alone gives (Delta_b, the score error bound) and the
+    rounding of the output into q's dtype (what attention serves)."""
     batch, kv_heads, groups, nb = acc.key_dots.shape[:4]
     bs, dim = layer.tail_k.shape[1], q.shape[-1]
     present = acc.block_sums[..., 0] > 0
     weight = torch.where(present, torch.exp(acc.block_max - acc.block_max.amax(dim=-1, keepdim=True)), 0.0)
     weight = weight / (weight * acc.block_sums[..., 0]).sum(dim=-1, keepdim=True)
-    rho, val_contrib, norm_sum, block_square = (acc.block_sums * weight[..., None]).unbind(-1)
+    rho, val_contrib, norm_sum, block_square, low_square = (acc.block_sums * weight[..., None]).unbind(-1)
     out_norm = acc.out.norm(dim=-1)
     e_val, square_sum = val_contrib.sum(dim=-1), block_square.sum(dim=-1)
     value_scale = acc.value_max.amax(dim=-1, keepdim=True)  # [Bd, Hkv, 1]
@@ -288,8 +346,9 @@ def finish_decode(acc: DecodeAccumulators, q, layer: QuantizedLayer, view: Decod
         delta_t=block_delta.amax(dim=-1) if nb else out_norm.new_zeros(out_norm.shape),
         alpha_t=(rho[..., :nb] * mask).sum(dim=-1),
         w_all=spread_around_output(square_sum, out_norm, e_val, value_scale, (nb + 1) * bs, dim),
-        w_tail=(dev_contrib[..., :nb] * mask).sum(dim=-1), rms=square_sum.sqrt(), score_error=score_error,
-        value_scale=value_scale,
+        w_tail=(dev_contrib[..., :nb] * mask).sum(dim=-1), score_error=score_error, value_scale=value_scale,
+        rms_low=rms_lower_bound(low_square, block_delta, rho, score_error, (nb + 1) * bs, dim),
+        cast=cast_error(acc.out, acc.out.to(q.dtype)),
         broken=~(torch.isfinite(torch.where(in_tail, block_notes[..., 0], 0.0)).all(dim=-1)
                  & torch.isfinite(acc.block_sums[..., 1:]).all(dim=(2, 3, 4))
                  & torch.isfinite(acc.value_max).all(dim=-1)),
@@ -297,22 +356,32 @@ def finish_decode(acc: DecodeAccumulators, q, layer: QuantizedLayer, view: Decod
     )
 
 
-def _token_terms(stored, value_quant, tail_v, view):
-    """Per attended position [Bd, Hkv, nb + 1, bs, 4]: 1, eta_j (0 where values are exact), n_j >= the norm of the
-    value attention reads (||v^_j||, + eta_j for promoted blocks, the exact norm in the partial block) and n_j^2; all 0
-    on padding. stored [Bd, nb, Hkv, bs, 2] (eta_j, ||v^_j||), value_quant [Bd, Hkv, nb], tail_v [Bd, Hkv, bs, D]."""
+def _token_terms(stored, value_quant, exact_norms, tail_v, view):
+    """Per attended position [Bd, Hkv, nb + 1, bs, 5]: 1, eta_j (0 where values are exact), n_j >= the norm of the
+    value attention reads, n_j^2, and l_j^2 with l_j <= ||v_j||; all 0 on padding. Quantized values: n_j = the stored
+    ||v^_j||, l_j = its lower bound minus eta_j; exact values (promoted pieces, whose float32 norms the scratch keeps,
+    and the partial block): their computed norm widened by gamma_(D+2) either way. stored [Bd, nb, Hkv, bs, 2] (eta_j,
+    ||v^_j||), value_quant [Bd, Hkv, nb], exact_norms [Bd, Hkv, nb, bs] (read where not value_quant), tail_v
+    [Bd, Hkv, bs, D]."""
     batch, nb, kv_heads, bs, _ = stored.shape
+    widen = gamma(tail_v.shape[-1] + 2)
     stored = stored.transpose(1, 2)
+    quantized = value_quant[..., None]
     measured = stored[..., 0].float()
-    eta = torch.where(value_quant[..., None], measured, 0.0)
-    terms = torch.empty(batch, kv_heads, nb + 1, bs, 4, device=stored.device)
+    terms = torch.empty(batch, kv_heads, nb + 1, bs, 5, device=stored.device)
     terms[..., 0] = view.valid.view(batch, 1, nb + 1, bs)
-    terms[:, :, :nb, :, 1] = eta
-    torch.add(stored[..., 1], measured - eta, out=terms[:, :, :nb, :, 2])  # + eta_j where values are exact
+    terms[:, :, :nb, :, 1] = torch.where(quantized, measured, 0.0)
+    terms[:, :, :nb, :, 2] = torch.where(quantized, stored[..., 1].float(), exact_norms * (1 + widen))
+    low = torch.where(quantized, lower_norm(stored[..., 1], tail_v.shape[-1]) - measured, exact_norms * (1 - widen))
+    terms[:, :, :nb, :, 4] = low.clamp_min(0)
+    tail_norm = tail_v.norm(dim=-1)
     terms[:, :, nb, :, 1] = 0.0
-    terms[:, :, nb, :, 2] = tail_v.norm(dim=-1)
+    terms[:, :, nb, :, 2] = tail_norm * (1 + widen)
+    terms[:, :, nb, :, 4] = tail_norm * (1 - widen)
     terms[..., 1:3] *= terms[..., :1]
+    terms[..., 4] *= terms[..., 0]
     terms[..., 3] = terms[..., 2] * terms[..., 2]
+    terms[..., 4] *= terms[..., 4]
     return terms
 
 

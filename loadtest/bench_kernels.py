@@ -82,7 +82,8 @@ def random_layer(batch: int, context: int, kv_heads: int, dim: int, bits: tuple[
         torch.full((blocks, kv_heads, 2), -1, dtype=torch.int32, device=device),
         torch.randn(batch, BS, kv_heads, dim, device=device, dtype=dtype),
         torch.randn(batch, BS, kv_heads, dim, device=device, dtype=dtype),
-        torch.zeros(64, BS, dim, device=device, dtype=dtype), torch.zeros(64, BS, dim, device=device, dtype=dtype))
+        torch.zeros(64, BS, dim, device=device, dtype=dtype), torch.zeros(64, BS, dim, device=device, dtype=dtype),
+        torch.zeros(64, BS, device=device))
     tables = (torch.arange(1, blocks, device=device).view(batch, full) if full
               else torch.zeros(batch, 1, dtype=torch.long, device=device))
     view = reference.make_view(tables, torch.full((batch,), full, device=device),

@@ -102,7 +102,8 @@ def certificate(stats: CertificateStats | None) -> pb.Certificate:
         rung3_exact_head=stats.rungs[3], rung4_exact_layer=stats.rungs[4], max_bound=stats.max_bound,
         max_bound_over_tolerance=stats.max_bound_over_tolerance, audit_violations=stats.audit_violations,
         worst_actual_over_bound=stats.worst_actual_over_bound, transfer_bytes=stats.transfer_bytes,
-        transfer_seconds=stats.transfer_seconds)
+        transfer_seconds=stats.transfer_seconds, promise_violations=stats.promise_violations,
+        worst_actual_over_promise=stats.worst_actual_over_promise)
 
 
 def response(out: RequestOutput, request_id: str) -> pb.GenerateResponse:

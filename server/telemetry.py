@@ -151,6 +151,8 @@ class Metrics:
                                           TRANSFER_BUCKETS, ("direction",))
         self.audit_violations = counter("certkv_audit_violations", "Accepted outputs farther from the reference than "
                                         "their bound (audit mode).")
+        self.promise_violations = counter("certkv_promise_violations", "Accepted outputs farther from the reference "
+                                          "than tolerance times its scale (audit mode).")
         self.aborts = counter("certkv_aborts", "Requests that ended without a final output.", ("reason",))
         self.rejections = counter("certkv_rejections", "Requests refused with a gRPC status.", ("code",))
 
@@ -182,6 +184,7 @@ class Metrics:
             if sum(cert.rungs):
                 self.bound_ratio.labels(m).observe(cert.max_bound_over_tolerance)
             self.audit_violations.labels(m).inc(cert.audit_violations)
+            self.promise_violations.labels(m).inc(cert.promise_violations)
 
 
 class _LiveCollector:

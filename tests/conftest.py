@@ -42,14 +42,14 @@ def default_model() -> Path:
 
 
 def build_tiny_model(path: Path, arch: str = "llama", layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                     hidden: int = 64, context: int = 512, seed: int = 0) -> Path:
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+                     hidden: int = 64, context: int = 512, seed: int = 0, **config) -> Path:
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-               "mistral": (MistralConfig, MistralForCausalLM)}
+               "mistral": (MistralConfig, MistralForCausalLM), "gemma2": (Gemma2Config, Gemma2ForCausalLM)}
     config_cls, model_cls = classes[arch]
-    extra = {"sliding_window": None} if arch == "mistral" else {}
+    extra = ({"sliding_window": None} if arch == "mistral" else {}) | config
     config = config_cls(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=context,
                         initializer_range=0.3, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, **extra)

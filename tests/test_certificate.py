@@ -243,9 +243,10 @@ def test_centred_form_is_first_order_tight():
             assert bound < 1.11 * actual
 
 
-def test_a_negative_or_non_finite_bound_is_never_accepted():
-    """The ladder's monitor: whatever a form returns, a bound below 0 (no sound bound is) or not finite becomes
-    infinite, so the head escalates instead of passing any limit."""
+def test_a_negative_or_non_finite_bound_or_limit_is_never_accepted():
+    """The ladder's monitors: whatever a form returns, a bound below 0 (no sound bound is) or not finite becomes
+    infinite, so the head escalates instead of passing any limit; and a limit that overflowed (inf <= inf) accepts
+    nothing."""
     from types import SimpleNamespace
 
     from engine.kv.escalation import _bound_and_limit
@@ -254,6 +255,10 @@ def test_a_negative_or_non_finite_bound_is_never_accepted():
     e_key = torch.tensor([-1e25, float("nan"), 0.01, float("inf")]).view(1, 1, 4)
     zero = torch.zeros(1, 1, 4)
     terms = cert.BoundTerms(zero, e_key, zero, zero)
-    bound, limit = _bound_and_limit(SimpleNamespace(out=out, rms=torch.ones(1, 1, 4)), terms, torch.tensor(0.2))
+    bound, limit = _bound_and_limit(SimpleNamespace(out=out, rms_low=torch.ones(1, 1, 4)), terms, torch.tensor(0.2))
     assert bound[0, 0].tolist() == [float("inf"), float("inf"), pytest.approx(0.01), float("inf")]
     assert (bound <= limit).tolist() == [[[False, False, True, False]]]
+    huge = SimpleNamespace(out=out, rms_low=torch.full((1, 1, 4), float("inf")))
+    bound, limit = _bound_and_limit(huge, cert.BoundTerms(zero, torch.full((1, 1, 4), 1e30), zero, zero),
+                                    torch.tensor(0.2))
+    assert not (bound <= limit).any()

@@ -4,8 +4,10 @@ violation, certified mode repairs the damage quantized mode does, and nothing is
 import pytest
 import torch
 
+from engine.attention import UnsupportedAttention
 from engine.request import KVMode, KVPolicy
-from tests.helpers import hf_model, make_engine, run_engine
+from tests.conftest import build_tiny_model
+from tests.helpers import hf_greedy, hf_model, make_engine, run_engine
 from tests.test_engine_equivalence import random_prompts
 
 
@@ -108,3 +110,28 @@ def test_kernel_path_rechecks_failing_groups_with_the_twin(default_model, monkey
 
     (plain, plain_bytes), (rechecked, rechecked_bytes) = rung0(False), rung0(True)
     assert rechecked > plain and rechecked_bytes < plain_bytes, (plain, rechecked, plain_bytes, rechecked_bytes)
+
+
+@pytest.mark.parametrize("arch,window", [("mistral", 5), ("mistral", 24), ("qwen2", 20)])
+def test_sliding_window_matches_hf_in_every_mode(tmp_path, default_model, arch, window):
+    """A window shorter than the prompts (inside the partial block, across blocks; Qwen2: only its second layer
+    slides): dense, exact and certified decoding give HF generate's greedy tokens over the whole context, with
+    chunked prefill, and audit finds no violation of the bound or the promise."""
+    extra = {"use_sliding_window": True, "max_window_layers": 1} if arch == "qwen2" else {}
+    path = build_tiny_model(tmp_path / arch, arch, kv_heads=2, sliding_window=window, seed=7, **extra)
+    prompts = random_prompts((3, 30, 45, 70), seed=6)
+    expected = {rid: hf_greedy(path, p, 20) for rid, p in prompts.items()}
+    for mode in ("dense", "exact", "certified", "audit"):
+        engine = make_engine(path, kv_mode=mode, max_num_batched_tokens=24, tolerance=0.05)
+        finals = {}
+        assert run_engine(engine, prompts, 20, finals=finals) == expected, mode
+        if mode == "audit":
+            assert all(f.certificate.audit_violations == f.certificate.promise_violations == 0 for f in finals.values())
+    assert engine.spec.max_model_len == 512  # the window no longer caps the context
+
+
+def test_an_attention_argument_certkv_does_not_implement_is_refused_at_load(tmp_path, default_model):
+    """Gemma2 soft-caps attention scores: certkv would certify against an attention that is not the model's."""
+    path = build_tiny_model(tmp_path / "gemma2", "gemma2", kv_heads=2, head_dim=16, attn_logit_softcapping=50.0)
+    with pytest.raises(UnsupportedAttention, match="softcap=50.0"):
+        make_engine(path, kv_mode="certified")

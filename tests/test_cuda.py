@@ -5,7 +5,10 @@ stream and its event timing. Token comparisons stay on one device: dense and exa
 import pytest
 import torch
 
+from engine.kv.quantizers import make_quantizer
 from engine.request import KVMode
+from kernels import quantize_blocks
+from kernels.formats import token_error_norms
 from tests.helpers import make_engine, run_engine
 from tests.test_certified_engine import chat_prompts
 from tests.test_engine_equivalence import random_prompts
@@ -52,3 +55,21 @@ def test_default_model_certified_on_cuda(default_model):
     certificates = [f.certificate for f in finals.values()]
     assert all(c.audit_violations == 0 and 0 < c.worst_actual_over_bound <= 1 for c in certificates)
     assert sum(c.rungs[0] for c in certificates) / sum(c.evaluations for c in certificates) >= 0.9
+
+
+@pytest.mark.parametrize("name", ["hadamard", "minmax-fp8/hadamard"])
+def test_hadamard_reads_back_on_cuda_what_the_write_path_measured(name):
+    """On CUDA too, the dequantization attention runs (another batch shape, gathered blocks) gives the bits the write
+    path measured eta against, even with TF32 allowed by the process: the rotation is butterflies, not a matmul."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        quant = make_quantizer(name, 4, 2)
+        generator = torch.Generator(device="cuda").manual_seed(3)
+        keys, values = (torch.randn(9, 2, 16, 128, generator=generator, device="cuda") * 3 for _ in range(2))
+        written = quantize_blocks(keys, values, quant)
+        order = torch.tensor([[8, 1, 4], [0, 0, 7]], device="cuda")
+        codes = written.values
+        read = quant.dequantize_values(type(codes)(codes.codes[order], codes.scale[order], codes.zero[order]))
+        assert torch.equal(token_error_norms(values[order], read), written.token_notes[order][..., 0])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False

@@ -85,9 +85,10 @@ def test_quantize_refuses_what_it_cannot_do():
 
 
 # ---- certified decode -------------------------------------------------------------------------------------------
-def random_layer(lengths, kv_heads, dim, bits, promoted, seed, scratch=8):
+def random_layer(lengths, kv_heads, dim, bits, promoted, seed, scratch=8, start=None):
     """A QuantizedLayer holding len(lengths) sequences (distinct blocks each), `promoted` of the full (block, head)
-    pieces also exact in the scratch, and the DecodeView of all of them."""
+    pieces also exact in the scratch, and the DecodeView of all of them (`start`: each sequence's first attended
+    token, a sliding window's)."""
     generator = torch.Generator().manual_seed(seed)
     quantizer = MinMaxQuantizer(*bits)
     fulls = [n // BS for n in lengths]
@@ -105,13 +106,14 @@ def random_layer(lengths, kv_heads, dim, bits, promoted, seed, scratch=8):
         tables[i, :n] = torch.arange(first, first + n)
         first += n
     tail = torch.randn(len(lengths) + 1, BS, kv_heads, dim, generator=generator)
+    scratch_v = torch.randn(scratch, BS, dim, generator=generator)
     layer = reference.QuantizedLayer(
         written.keys.codes, written.keys.scale, written.keys.zero, written.values.codes, written.values.scale,
         written.values.zero, written.block_notes, written.token_notes, slots, tail, tail.flip(0).contiguous(),
-        torch.randn(scratch, BS, dim, generator=generator), torch.randn(scratch, BS, dim, generator=generator))
+        torch.randn(scratch, BS, dim, generator=generator), scratch_v, scratch_v.norm(dim=-1))
     lengths = torch.tensor(lengths)
     view = reference.make_view(tables, lengths // BS, lengths % BS, torch.arange(len(lengths)) + 1, BS,
-                               torch.ones(len(lengths), dtype=torch.bool))
+                               torch.ones(len(lengths), dtype=torch.bool), None if start is None else torch.tensor(start))
     move = lambda x: x.to(DEVICE)  # noqa: E731
     return (reference.QuantizedLayer(*map(move, (getattr(layer, n) for n in layer.__slots__))),
             reference.DecodeView(*map(move, (getattr(view, n) for n in view.__slots__))), quantizer)
@@ -127,7 +129,7 @@ def compare(q, layer, view, quantizer, what):
     if got.out_dots is None:
         want = dataclasses.replace(want, out_dots=None)  # the same certificate from the same accumulators
     finished = [reference.finish_decode(acc, q, layer, view, scale, quantizer) for acc in (got, want)]
-    for name in ("out", "rho", "e_val", "alpha_t", "delta_t", "w_tail", "rms", "score_error"):
+    for name in ("out", "rho", "e_val", "alpha_t", "delta_t", "w_tail", "rms_low", "score_error"):
         assert_close(getattr(finished[0], name), getattr(finished[1], name), 1e-4, 1e-5, f"{what}: {name}")
     assert_close(finished[0].w_all, finished[1].w_all, 1e-3, 1e-3, f"{what}: w_all")  # a square root of a difference
     return got
@@ -150,6 +152,17 @@ def test_decode_gqa_ratios_and_bit_widths(groups, bits):
     compare(torch.randn(1, 2 * groups, 64, device=DEVICE), layer, view, quantizer, f"G={groups} bits={bits}")
 
 
+def test_decode_sliding_window_masks_tokens_before_its_start():
+    """A window's first token inside a full block, at a block boundary, inside the partial block, and none."""
+    lengths, start = [40, 300, 37, 17], [5, 16, 34, 0]
+    q = torch.randn(4, 6, 64, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    layer, view, quantizer = random_layer(lengths, 2, 64, (8, 4), promoted=3, seed=4, start=start)
+    got = compare(q, layer, view, quantizer, "window")
+    sums = got.block_sums[..., 0].cpu()  # [Bd, Hkv, G, nb + 1]
+    assert sums[0, :, :, 0].gt(0).all() and sums[2, :, :, :2].eq(0).all()  # block 0 of sequence 2 lies before 34
+    assert view.valid.sum(dim=1).tolist() == [n - s for n, s in zip(lengths, start)]
+
+
 def test_decode_mixed_batch_equals_each_sequence_alone():
     lengths = [1, 33, 16, 300, 47]
     layer, view, quantizer = random_layer(lengths, 2, 64, (8, 4), promoted=6, seed=5)
@@ -170,11 +183,28 @@ def test_decode_reads_promoted_blocks_from_the_scratch():
     q = torch.randn(1, 4, 64, device=DEVICE)
     before = compare(q, layer, view, quantizer, "promoted")
     layer.scratch_v.mul_(2.0)
+    layer.scratch_norms.mul_(2.0)
     after = compare(q, layer, view, quantizer, "promoted, scratch changed")
     promoted_values = (layer.slots[view.block_tables[0, :4], 0, 1] >= 0).cpu()
     assert bool(promoted_values.any())
     assert not torch.allclose(before.out, after.out)
     assert bool((after.block_sums[0, 0, :, :4][:, promoted_values, 1] == 0).all())  # eta = 0 where values are exact
+
+
+def test_twin_stays_ieee_when_the_process_allows_faster_float32_matmuls():
+    """An embedding process may allow TF32 (CUDA) or bfloat16 passes (CPUs with AVX512-BF16) for float32 matmuls;
+    the certificate's rounding terms assume IEEE float32, so the twin computes the same bits either way."""
+    layer, view, quantizer = random_layer([300, 70], 2, 64, (8, 4), promoted=3, seed=8)
+    q = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    ieee = reference.certified_decode(q, layer, view, 0.125, quantizer)
+    torch.set_float32_matmul_precision("medium")
+    try:
+        fast = reference.certified_decode(q, layer, view, 0.125, quantizer)
+        assert torch.get_float32_matmul_precision() == "medium"  # restored afterwards
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    for name in ("out", "rho", "e_val", "w_all", "rms_low"):
+        assert torch.equal(getattr(fast, name), getattr(ieee, name)), name
 
 
 def test_decode_launcher_refuses_bad_inputs():

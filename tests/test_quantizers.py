@@ -113,6 +113,24 @@ def test_rotation_is_orthonormal_and_spreads_an_outlier():
         rotation(48)
 
 
+def test_hadamard_dequantization_reads_back_the_same_bits_in_any_batch():
+    """The rotation is butterflies (no matmul): dequantizing blocks one by one, all at once or gathered in another
+    order gives the same bits, so eta measured at write time is what attention reads (a BLAS or cuBLAS matmul may
+    pick another summation order for another shape)."""
+    quant = make_quantizer("hadamard", 4, 2)
+    generator = torch.Generator().manual_seed(9)
+    keys, values = (torch.randn(7, 3, 16, 128, generator=generator) for _ in range(2))
+    for encode, decode, x in ((quant.quantize_keys, quant.dequantize_keys, keys),
+                              (quant.quantize_values, quant.dequantize_values, values)):
+        codes = encode(x)
+        together = decode(codes)
+        alone = torch.cat([decode(type(codes)(codes.codes[i:i + 1], codes.scale[i:i + 1], codes.zero[i:i + 1]))
+                           for i in range(7)])
+        order = torch.tensor([[6, 0, 3], [2, 2, 5]])
+        gathered = decode(type(codes)(codes.codes[order], codes.scale[order], codes.zero[order]))
+        assert torch.equal(together, alone) and torch.equal(gathered, together[order])
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 6])
 def test_hadamard_error_follows_the_codebook(bits):
     """Per token ||x - x^|| / ||x|| is about sqrt(MSE of the codebook), outlier channels or not."""

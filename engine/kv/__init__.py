@@ -16,8 +16,9 @@ class KVCache(Protocol):
         """Called once per forward pass before any layer runs (per-step metadata goes into batch.cache_meta)."""
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
-                scale: float) -> torch.Tensor:
-        """q [T, H, D], k and v [T, Hkv, D] (post-RoPE) -> attention output [T, H, D]."""
+                scale: float, window: int | None = None) -> torch.Tensor:
+        """q [T, H, D], k and v [T, Hkv, D] (post-RoPE) -> attention output [T, H, D]; with a sliding window each
+        query attends only the last `window` positions up to its own."""
 
     def end_step(self, batch: ForwardBatch) -> None:
         """Called once after the forward pass (per-step bookkeeping)."""

@@ -11,7 +11,8 @@ sequences (one batched call), which re-certifies with the new exact set.
   rung 3  still over, no promotion can fit, the layer's promotions for this step would exceed half the scratch,
           or a non-finite output or bound: dense attention from tier 2;
   rung 4  a block's annotations are not finite (broken metadata): dense attention for the sequence's whole layer.
-Accepted outputs of other groups are never replaced. Audit requests also get the float64 reference.
+Accepted outputs of other groups are never replaced. Audit requests also get the float64 reference and count, apart,
+accepted heads farther from it than their bound and farther than their promise (tolerance * max(||O_ref||, RMS_ref)).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def _bound_and_limit(result: DecodeResult, terms: cert.BoundTerms, tolerance: to
     bound = terms.total
     # a non-finite or negative bound (a defect in some form: no sound bound is negative) is never accepted
     bound = torch.where(torch.isfinite(bound) & (bound >= 0) & torch.isfinite(result.out).all(dim=-1), bound, torch.inf)
-    return bound, cert.threshold(result.out.norm(dim=-1), bound, result.rms, tolerance)
+    out_norm = result.out.norm(dim=-1) * (1 - cert.gamma(result.out.shape[-1] + 2))  # a lower bound of ||O||
+    return bound, cert.threshold(out_norm, bound, result.rms_low, tolerance)
 
 
 def terms_of(result: DecodeResult, radius: torch.Tensor, blockwise: bool = True) -> cert.BoundTerms:
@@ -66,7 +68,7 @@ def terms_of(result: DecodeResult, radius: torch.Tensor, blockwise: bool = True)
     blocks = (result.block_delta, result.rho[..., :nb], result.dev_contrib[..., :nb]) if nb and blockwise else None
     return cert.bound_terms(result.e_val, result.delta_t, result.alpha_t, radius[..., None], result.w_all,
                             result.w_tail, result.score_error, result.value_scale, result.length, result.out.shape[-1],
-                            blocks)
+                            blocks, result.cast)
 
 
 class Ladder:
@@ -181,11 +183,13 @@ class Ladder:
         out, bound, limit, rung = state
         seqs = sorted({i for i, _ in groups})
         index = [plan.quant_seqs[i] for i in seqs]
+        bs = self.cache.block_size
         self.cache.verify(layer, [plan.request_ids[i] for i in seqs],
-                          [batch.block_ids[s][:int(plan.view.num_full[i])] for i, s in zip(seqs, index)],
+                          [batch.block_ids[s][:(batch.starts[s] + 1) // bs] for s in index],
                           [plan.client_ids[i] for i in seqs])
         start = time.perf_counter()
-        exact = self.cache.exact_decode(layer, q[seqs], batch.block_tables[index], batch.context_lens[index], scale)
+        exact = self.cache.exact_decode(layer, q[seqs], batch.block_tables[index], batch.context_lens[index], scale,
+                                        plan.window)
         seconds = (time.perf_counter() - start) / len(groups)
         exact = exact.float().view(len(seqs), *out.shape[1:])
         moved = {}
@@ -233,22 +237,28 @@ class Ladder:
         return choices
 
     def _audit(self, layer, q, plan, batch, scale, out, bound, rung) -> None:
-        """The float64 reference from the shadows; accepted (non-exact) heads farther from it than their bound
-        are violations."""
+        """The float64 reference from the shadows. Accepted (non-exact) heads whose served output (cast to the model's
+        dtype) is farther from it than their bound are bound violations; farther than tolerance * max(||O_ref||,
+        RMS_ref), promise violations. Counted apart: either is a defect."""
         audited = [i for i, m in enumerate(plan.modes) if m is KVMode.AUDIT]
         index = [plan.quant_seqs[i] for i in audited]
-        reference = self.cache.exact_decode(layer, q[audited].double(), batch.block_tables[index],
-                                            batch.context_lens[index], scale)
-        actual = (out[audited].double() - reference.view(len(audited), *out.shape[1:])).norm(dim=-1)
-        accepted = rung[audited][..., None] <= 2
+        ref, rms = self.cache.reference_decode(layer, q[audited], batch.block_tables[index],
+                                               batch.context_lens[index], scale, plan.window)
+        shape = (len(audited), *out.shape[1:])
+        actual = (out[audited].to(q.dtype).double() - ref.view(shape)).norm(dim=-1)  # [n, Hkv, G]
+        promise = plan.tolerance[audited].double()[:, None, None] * torch.maximum(ref.view(shape).norm(dim=-1),
+                                                                                  rms.view(shape[:-1]))
+        accepted = (rung[audited][..., None] <= 2).expand_as(actual)
         for n, i in enumerate(audited):
-            stats = self.cache.stats[plan.request_ids[i]]
-            checked = accepted[n].expand_as(actual[n])
-            excess = actual[n][checked] - bound[i][checked].double()
-            stats.audit_violations += int((excess > 0).sum())
-            ratio = actual[n][checked] / bound[i][checked].double().clamp_min(1e-300)
-            if ratio.numel():
+            stats, checked = self.cache.stats[plan.request_ids[i]], accepted[n]
+            error, limit = actual[n][checked], bound[i][checked].double()
+            stats.audit_violations += int((error > limit).sum())
+            stats.promise_violations += int((error > promise[n][checked]).sum())
+            if error.numel():
+                ratio = error / limit.clamp_min(1e-300)
                 stats.worst_actual_over_bound = max(stats.worst_actual_over_bound, float(ratio.max()))
+                stats.worst_actual_over_promise = max(stats.worst_actual_over_promise,
+                                                      float((error / promise[n][checked].clamp_min(1e-300)).max()))
                 counts = torch.bincount(ratio_bins(ratio), minlength=RATIO_BINS).tolist()
                 stats.ratio_hist = [a + b for a, b in zip(stats.ratio_hist, counts)]
 

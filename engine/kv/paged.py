@@ -25,12 +25,12 @@ class PagedKVCache:
     def end_step(self, batch: ForwardBatch) -> None:
         pass
 
-    def forward(self, layer, q, k, v, batch, scale):
+    def forward(self, layer, q, k, v, batch, scale, window: int | None = None):
         k_flat = self.k[layer].view(-1, *k.shape[1:])
         v_flat = self.v[layer].view(-1, *v.shape[1:])
         k_flat.index_copy_(0, batch.slot_mapping, k.to(k_flat.dtype))
         v_flat.index_copy_(0, batch.slot_mapping, v.to(v_flat.dtype))
-        return paged_attention(q, self.k[layer], self.v[layer], batch, scale)
+        return paged_attention(q, self.k[layer], self.v[layer], batch, scale, window)
 
     def release(self, request_id: str) -> None:
         pass

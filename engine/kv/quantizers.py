@@ -184,16 +184,44 @@ ROTATION_SEED = 0x5EED
 
 
 @functools.cache
-def rotation(dim: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
-    """R = H diag(s) / sqrt(D) [D, D] float32 on `device` (built once per device): the Walsh-Hadamard matrix with
-    fixed random signs, orthonormal. Rotated coordinates of x are x @ R.T; x = x_rotated @ R. D a power of two."""
+def rotation_signs(dim: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """The fixed random signs s [D] (float32, +-1) of the rotation, built once per device. D a power of two."""
     if dim < 2 or dim & (dim - 1):
         raise ValueError(f"hadamard quantizer: head_dim {dim} is not a power of two")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < dim:
-        h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)])
     signs = torch.randint(0, 2, (dim,), generator=torch.Generator().manual_seed(ROTATION_SEED)) * 2 - 1
-    return (h * signs / math.sqrt(dim)).float().to(device)
+    return signs.float().to(device)
+
+
+def rotation(dim: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """R = H diag(s) / sqrt(D) [D, D] float32: the Walsh-Hadamard matrix (Sylvester's order) with the fixed signs,
+    orthonormal. Rotated coordinates of x are x @ R.T (rotate); x = x_rotated @ R (unrotate)."""
+    eye = torch.eye(dim, device=device)
+    return unrotate(eye)
+
+
+def walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
+    """x @ H along the last dim (H: Sylvester's Hadamard matrix, entries +-1) by butterflies. Elementwise additions in a
+    fixed order, no matmul: the same bits for any batch shape, device or BLAS, so that what the write path measured is
+    what attention reads back."""
+    dim, half = x.shape[-1], x.shape[-1] // 2
+    while half:
+        pairs = x.reshape(*x.shape[:-1], dim // (2 * half), 2, half)
+        first, second = pairs[..., 0, :], pairs[..., 1, :]
+        x = torch.stack([first + second, first - second], dim=-2).reshape(*x.shape)
+        half //= 2
+    return x
+
+
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """x @ R.T = (x * s) @ H / sqrt(D)."""
+    dim = x.shape[-1]
+    return walsh_hadamard(x * rotation_signs(dim, x.device)) * (1 / math.sqrt(dim))
+
+
+def unrotate(y: torch.Tensor) -> torch.Tensor:
+    """y @ R = (y @ H) * s / sqrt(D)."""
+    dim = y.shape[-1]
+    return walsh_hadamard(y) * (rotation_signs(dim, y.device) * (1 / math.sqrt(dim)))
 
 
 @functools.cache
@@ -243,7 +271,7 @@ class HadamardQuantizer(LayerlessQuantizer):
     @staticmethod
     def _encode(x: torch.Tensor, bits: int) -> Codes:
         levels = lloyd_max(bits, x.device)
-        rotated = x.float() @ rotation(x.shape[-1], x.device).T
+        rotated = rotate(x.float())
         sigma = (rotated.norm(dim=-1, keepdim=True) / math.sqrt(x.shape[-1])).clamp_min(torch.finfo(torch.float32).tiny)
         codes = torch.bucketize(rotated / sigma, (levels[1:] + levels[:-1]) / 2)
         chosen = levels[codes]
@@ -255,7 +283,7 @@ class HadamardQuantizer(LayerlessQuantizer):
     def _decode(c: Codes, bits: int) -> torch.Tensor:
         levels = lloyd_max(bits, c.codes.device)
         rotated = levels[unpack(c.codes, bits).long()] * c.scale.float()
-        return rotated @ rotation(rotated.shape[-1], rotated.device)
+        return unrotate(rotated)
 
     def quantize_keys(self, k: torch.Tensor) -> Codes:
         return self._encode(k, self.k_bits)

@@ -22,6 +22,7 @@ class Scratch:
                  dtype: torch.dtype, device: torch.device):
         self.capacity = capacity
         self.data = {kind: torch.zeros(capacity, block_size, head_dim, dtype=dtype, device=device) for kind in "kv"}
+        self.norms = torch.zeros(capacity, block_size, device=device)  # float32 norms of the value pieces' tokens
         self.slots = torch.full((num_blocks, kv_heads, 2), -1, dtype=torch.int32, device=device)  # keys, values
         self.slot = {"k": self.slots[..., 0], "v": self.slots[..., 1]}
         self.score = {kind: torch.full((capacity,), -torch.inf, device=device) for kind in "kv"}  # -inf: free
@@ -44,6 +45,8 @@ class Scratch:
             slot_map[blocks[new], heads[new]] = victims.int()
             owner[victims] = torch.stack([blocks[new], heads[new]], dim=1)
         scatter_blocks(self.data[kind], slots, data)
+        if kind == "v":
+            self.norms[slots] = self.data["v"][slots].float().norm(dim=-1)
         scores[slots] = score
         return slots
 

@@ -47,8 +47,10 @@ class CertificateStats:
     rungs: list[int] = field(default_factory=lambda: [0] * RUNGS)  # evaluations by the rung that produced them
     max_bound: float = 0.0  # largest accepted (non-exact) bound
     max_bound_over_tolerance: float = 0.0  # largest accepted bound / (tolerance * scale)
-    audit_violations: int = 0
+    audit_violations: int = 0  # audit: accepted outputs farther from the reference than their bound
+    promise_violations: int = 0  # audit: accepted outputs farther than tolerance * max(||O_ref||, RMS_ref)
     worst_actual_over_bound: float = 0.0
+    worst_actual_over_promise: float = 0.0
     transfer_bytes: int = 0
     transfer_seconds: float = 0.0
     quantized_key_mass: float = 0.0  # sum over evaluations of the attention mass on quantized keys (alpha^_T)

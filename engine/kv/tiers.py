@@ -14,7 +14,7 @@ certified/audit ones climb the ladder (engine.kv.escalation) when the bound exce
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -27,7 +27,7 @@ from engine.kv.scratch import Scratch
 from engine.kv.stats import RUNGS, CertificateStats, EscalationRecord
 from engine.request import KVMode
 from kernels import certified_decode, decode_attention, prefill_attention, quantize_blocks
-from kernels.reference import DecodeView, QuantizedLayer, gather_blocks, make_view
+from kernels.reference import DecodeView, QuantizedLayer, gather_blocks, make_view, reference_decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +80,8 @@ class StepPlan:
     tolerance: torch.Tensor  # [Bd] float32
     certifying: torch.Tensor  # [Bd] bool: certified or audit (climbs the ladder)
     tally: Tally | None
+    window: int | None = None  # the sliding window this plan's view applies (None: whole contexts)
+    windowed: dict = field(default_factory=dict)  # window -> this plan with that window's view (built on first use)
 
 
 class TieredKVCache:
@@ -128,7 +130,7 @@ class TieredKVCache:
             v_scale=zeros(nb, h, bs, v_scale, dtype=q.value_scale_dtype), v_zero=zeros(nb, h, bs, v_zero),
             block_notes=zeros(nb, h, 2, dtype=torch.float32), token_notes=zeros(nb, h, bs, 2), slots=scratch.slots,
             tail_k=zeros(max_seqs, bs, h, d, dtype=self.dtype), tail_v=zeros(max_seqs, bs, h, d, dtype=self.dtype),
-            scratch_k=scratch.data["k"], scratch_v=scratch.data["v"])
+            scratch_k=scratch.data["k"], scratch_v=scratch.data["v"], scratch_norms=scratch.norms)
 
     # ---- accounting -------------------------------------------------------------------------------------------
     @staticmethod
@@ -194,8 +196,8 @@ class TieredKVCache:
                 self._inject(client, blocks[0])
         batch.cache_meta = StepPlan(write=self._write_plan(batch), **self._decode_plan(batch))
 
-    def forward(self, layer, q, k, v, batch, scale):
-        plan: StepPlan = batch.cache_meta
+    def forward(self, layer, q, k, v, batch, scale, window: int | None = None):
+        plan = self._windowed(batch, window)
         self._write(layer, k, v, batch.slot_mapping, plan.write)
         out = torch.empty_like(q)
         for seq in batch.prefill_seqs:  # prefill chunks are exact: the dense computation on the shadows
@@ -204,11 +206,11 @@ class TieredKVCache:
             table = batch.block_tables[seq].to(self.shadow_device)
             keys = gather_blocks(self.shadow_k[layer], table, length).to(q.device)
             values = gather_blocks(self.shadow_v[layer], table, length).to(q.device)
-            out[lo:hi] = prefill_attention(q[lo:hi], keys, values, scale)
+            out[lo:hi] = prefill_attention(q[lo:hi], keys, values, scale, window)
         if plan.exact_rows.numel():
             seqs = plan.exact_seqs
             out[plan.exact_rows] = self.exact_decode(layer, q[plan.exact_rows], batch.block_tables[seqs],
-                                                     batch.context_lens[seqs], scale)
+                                                     batch.context_lens[seqs], scale, window)
             for rid in plan.exact_ids:
                 self.stats[rid].evaluations += q.shape[1]
                 self.stats[rid].rungs[3] += q.shape[1]
@@ -260,16 +262,24 @@ class TieredKVCache:
             return
         self._corrupted.add(client_id)
 
-    def exact_decode(self, layer, q, tables, lens, scale):
+    def exact_decode(self, layer, q, tables, lens, scale, window: int | None = None):
         """Dense decode attention from the shadows (what dense mode computes, bit for bit on the same device)."""
         keys, values = self.shadow_k[layer], self.shadow_v[layer]
         if keys.device != q.device:  # fetch the sequences' blocks; the same computation on the copied blocks
             host = tables.to(self.shadow_device)
             keys, values = (x[host].flatten(0, 1).to(q.device, non_blocking=True) for x in (keys, values))
             tables = torch.arange(host.numel(), device=q.device).view(host.shape)
-        return decode_attention(q, keys, values, tables, lens, scale)
+        return decode_attention(q, keys, values, tables, lens, scale, window=window)
+
+    def reference_decode(self, layer, q, tables, lens, scale, window: int | None = None):
+        """The float64 reference (O_ref, RMS_ref) of decode queries q [n, H, D] over their shadows (audit)."""
+        host = tables.to(self.shadow_device)
+        keys, values = (gather_blocks(x, host).to(q.device) for x in (self.shadow_k[layer], self.shadow_v[layer]))
+        return reference_decode(q, keys, values, lens, scale, window)
 
     def _quantized_decode(self, layer, q, plan: StepPlan, batch, scale):
+        """Certified decode of the tier-1 sequences; the output served is the accepted float32 output cast to q's
+        dtype, whose rounding the certificate includes (DecodeResult.cast)."""
         result = certified_decode(q, self.layers[layer], plan.view, scale, self.quantizers[layer])
         view = plan.view
         self.scratch[layer].touch(view.block_tables, view.full, result.rho[..., :-1].amax(dim=2).transpose(1, 2))
@@ -363,34 +373,51 @@ class TieredKVCache:
         return WritePlan(**tensors)
 
     def _decode_plan(self, batch: ForwardBatch) -> dict:
-        bs, device = self.block_size, self.device
+        device = self.device
         decode = batch.decode_seqs.tolist()
         exact = [s for s in decode if not batch.kv[s].quantized]
         quant = [s for s in decode if batch.kv[s].quantized]
         rows = [batch.query_starts[s] for s in quant]
-        plan = dict(
+        return dict(
             exact_seqs=torch.tensor(exact, dtype=torch.int64, device=device),
             exact_rows=torch.tensor([batch.query_starts[s] for s in exact], dtype=torch.int64, device=device),
             exact_ids=[batch.request_ids[s] for s in exact if batch.kv[s].mode is KVMode.EXACT],
-            quant_seqs=quant, quant_rows=torch.tensor(rows, dtype=torch.int64, device=device), view=None,
+            quant_seqs=quant, quant_rows=torch.tensor(rows, dtype=torch.int64, device=device),
+            view=self._view(batch, quant, None) if quant else None,
             request_ids=[batch.request_ids[s] for s in quant], client_ids=[batch.client_ids[s] for s in quant],
             modes=[batch.kv[s].mode for s in quant],
             tolerance=torch.tensor([batch.kv[s].tolerance for s in quant], device=device),
             certifying=torch.tensor([batch.kv[s].mode in (KVMode.CERTIFIED, KVMode.AUDIT) for s in quant],
                                     dtype=torch.bool, device=device),
             tally=Tally.zeros(len(quant), device) if quant else None)
-        if quant:
-            lengths = [batch.starts[s] + 1 for s in quant]
-            full = [n // bs for n in lengths]
-            width = max(full)
-            tables = [batch.block_ids[s][:f] + [0] * (width - f) for s, f in zip(quant, full)]
-            plan["view"] = make_view(
-                torch.tensor(tables, dtype=torch.int64, device=device).view(len(quant), width),
-                torch.tensor(full, dtype=torch.int64, device=device),
-                torch.tensor([n % bs for n in lengths], dtype=torch.int64, device=device),
-                torch.tensor([self.slots[batch.request_ids[s]] for s in quant], dtype=torch.int64, device=device),
-                bs, torch.tensor([batch.kv[s].mode is not KVMode.QUANTIZED for s in quant], device=device))
-        return plan
+
+    def _view(self, batch: ForwardBatch, quant: list[int], window: int | None) -> DecodeView:
+        """The tier-1 view of the decoding sequences `quant`: the full blocks they attend (with a sliding window, from
+        the block holding the window's first token) and their partial blocks."""
+        bs, device = self.block_size, self.device
+        lengths = [batch.starts[s] + 1 for s in quant]
+        first = [0 if window is None else max(0, n - window) for n in lengths]
+        skipped = [p // bs for p in first]  # blocks wholly before the window: neither read nor certified
+        full = [n // bs - k for n, k in zip(lengths, skipped)]
+        width = max(full)
+        tables = [batch.block_ids[s][k:k + f] + [0] * (width - f) for s, k, f in zip(quant, skipped, full)]
+
+        def tensor(values):
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        return make_view(tensor(tables).view(len(quant), width), tensor(full), tensor([n % bs for n in lengths]),
+                         tensor([self.slots[batch.request_ids[s]] for s in quant]), bs,
+                         torch.tensor([batch.kv[s].mode is not KVMode.QUANTIZED for s in quant], device=device),
+                         tensor([p - k * bs for p, k in zip(first, skipped)]))
+
+    def _windowed(self, batch: ForwardBatch, window: int | None) -> StepPlan:
+        """The step's plan for layers with this sliding window (the plan itself without one); built once a step."""
+        plan: StepPlan = batch.cache_meta
+        if window is None or plan.view is None:
+            return plan
+        if window not in plan.windowed:
+            plan.windowed[window] = replace(plan, view=self._view(batch, plan.quant_seqs, window), window=window)
+        return plan.windowed[window]
 
     # ---- tier-2 fetches -----------------------------------------------------------------------------------------
     def promote(self, layer: int, kind: str, blocks: list[int], head: int, request_id: str,
