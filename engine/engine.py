@@ -146,8 +146,7 @@ class LLMEngine:
         vocab = self.spec.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise InvalidRequest("input.prompt_token_ids", f"token ids must be in [0, {vocab})")
-        if any(not 0 <= t < vocab for t in stopping.stop_token_ids):
-            raise InvalidRequest("stopping.stop_token_ids", f"token ids must be in [0, {vocab})")
+        self.validate_stopping(stopping)
         total = len(prompt_ids) + stopping.max_new_tokens
         if len(prompt_ids) >= self.spec.max_model_len:
             raise InvalidRequest("input", f"the prompt has {len(prompt_ids)} tokens; the context holds "
@@ -156,6 +155,12 @@ class LLMEngine:
             raise InvalidRequest("stopping.max_new_tokens", f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
                                                             f"({stopping.max_new_tokens}) exceeds the context of "
                                                             f"{self.spec.max_model_len} tokens")
+
+    def validate_stopping(self, stopping: StoppingParams) -> None:
+        """The checks of `stopping` that need the model: stop token ids within the vocabulary."""
+        vocab = self.spec.vocab_size
+        if any(not 0 <= t < vocab for t in stopping.stop_token_ids):
+            raise InvalidRequest("stopping.stop_token_ids", f"token ids must be in [0, {vocab})")
 
     def default_max_new_tokens(self, prompt_len: int) -> int:
         return max(1, min(self.config.max_new_tokens_default, self.spec.max_model_len - prompt_len))

@@ -3,9 +3,11 @@
 One thread owns the LLMEngine: it takes commands (add, abort, pause, resume) from a queue, runs step() while
 anything is runnable, and hands each step's outputs to the event loop in one call_soon_threadsafe. Each RPC reads
 its request's outputs from its own asyncio.Queue; outputs that piled up are sent as one message. Backpressure: when a
-client falls HIGH_WATER outputs behind, its request is paused in the engine (it keeps its KV blocks, others run)
-and resumed once the client is within LOW_WATER. Leaving the `generate` iterator for any reason other than the final
-output (client cancel, deadline, server stop) sends an abort, which the engine applies before its next step.
+client falls HIGH_WATER outputs behind, its request is paused in the engine (never scheduled; its KV blocks and
+batch slot go to any request that needs them, see engine/scheduler.py) and resumed once the client is within
+LOW_WATER. Leaving the `generate` iterator for any reason other than the final output (client cancel, deadline,
+slow client, server stop) sends an abort, which the engine applies before its next step. A request that fails alone
+in a step (RequestOutput.error) gets that error; a command the engine cannot apply fails only its request.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager, nullcontext
 
 from engine.engine import LLMEngine, StepFailed
-from engine.errors import CapacityExceeded, EngineUnavailable
+from engine.errors import CapacityExceeded, EngineUnavailable, RequestFailed
 from engine.request import Request, RequestOutput, merge_outputs
 
 log = logging.getLogger(__name__)
@@ -138,12 +140,7 @@ class AsyncEngine:
             commands, stop = list(self._commands), self._stop
             self._commands.clear()
         for kind, payload in commands:
-            if kind == "add":
-                self.engine.add_request(payload)
-            elif kind == "abort":
-                self.engine.abort(payload)
-            else:
-                self.engine.pause(payload, kind == "pause")
+            self._apply(kind, payload)
         if stop:
             for request_id in list(self.engine.scheduler.requests):
                 self.engine.abort(request_id)
@@ -151,6 +148,19 @@ class AsyncEngine:
         if self.engine.scheduler.has_runnable():
             self._step()
         return True
+
+    def _apply(self, kind: str, payload) -> None:
+        try:
+            if kind == "add":
+                self.engine.add_request(payload)
+            elif kind == "abort":
+                self.engine.abort(payload)
+            else:
+                self.engine.pause(payload, kind == "pause")
+        except Exception:
+            log.exception("engine command %r failed", kind)
+            if kind == "add":  # Scheduler.add checks before it changes anything
+                self._post([(payload.request_id, RequestFailed("the engine could not admit this request"))])
 
     def _step(self) -> None:
         try:
@@ -164,7 +174,7 @@ class AsyncEngine:
             log.error("engine step failed for %d requests", len(exc.errors))
             self._post(list(exc.errors.items()))
             return
-        self._post([(out.request_id, out) for out in outputs])
+        self._post([(out.request_id, out.error or out) for out in outputs])
 
     def _post(self, items: list[tuple[str, object]]) -> None:
         if items and self._loop is not None and not self._loop.is_closed():
