@@ -40,6 +40,9 @@ def _network(p: argparse.ArgumentParser) -> None:
     net.add_argument("--max-message-bytes", type=parse_bytes, default="4MiB", help="gRPC receive limit")
     net.add_argument("--max-connection-age", type=float, default=None,
                      help="seconds before clients are asked to reconnect (rebalancing behind L4 load balancers)")
+    net.add_argument("--slow-client-timeout", type=float, default=60.0,
+                     help="seconds a client may read nothing while its stream has output waiting; then the stream "
+                          "ends with RESOURCE_EXHAUSTED and its request is aborted")
 
 
 def _model(p: argparse.ArgumentParser) -> None:
@@ -104,7 +107,15 @@ def _admission(p: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-pending-requests", type=int, default=256, help="beyond: RESOURCE_EXHAUSTED")
     limits.add_argument("--max-tokens-in-flight", type=int, default=0,
                         help="prompt + max_new_tokens summed over pending requests; beyond: RESOURCE_EXHAUSTED (0: off)")
-    limits.add_argument("--max-prompt-chars", type=int, default=1 << 20)
+    limits.add_argument("--max-prompt-chars", type=int, default=1 << 20,
+                        help="characters of a text prompt, or of all chat messages together")
+    limits.add_argument("--max-chat-messages", type=int, default=256, help="messages of one chat input")
+    limits.add_argument("--tokenizer-threads", type=int, default=2,
+                        help="threads that tokenize and render chat templates (never the event loop)")
+    limits.add_argument("--tokenizer-queue", type=int, default=32,
+                        help="tokenizer jobs waiting or running; beyond: RESOURCE_EXHAUSTED")
+    limits.add_argument("--max-watch-per-peer", type=int, default=8,
+                        help="open health Watch streams per peer address; beyond: RESOURCE_EXHAUSTED")
     limits.add_argument("--drain-delay", type=float, default=1.0, help="seconds NOT_SERVING before stopping")
     limits.add_argument("--drain-grace", type=float, default=30.0, help="seconds in-flight streams may finish")
     limits.add_argument("--no-warmup", action="store_true", help="report SERVING without a warm-up generation")
@@ -113,6 +124,8 @@ def _admission(p: argparse.ArgumentParser) -> None:
 def _telemetry(p: argparse.ArgumentParser) -> None:
     obs = p.add_argument_group("telemetry")
     obs.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics port; -1 disables it")
+    obs.add_argument("--metrics-host", default=None,
+                     help="address /metrics listens on (default: --host); /metrics has no authentication")
     obs.add_argument("--trace-exporter", choices=EXPORTERS, default=os.environ.get("OTEL_TRACES_EXPORTER", "none"),
                      help="OpenTelemetry span exporter (OTEL_* variables configure the SDK)")
     obs.add_argument("--otlp-endpoint", default=None, help="OTLP gRPC endpoint (default: OTEL_EXPORTER_OTLP_ENDPOINT)")
@@ -131,8 +144,10 @@ def configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig, Telem
         host=args.host, port=args.port, max_pending_requests=args.max_pending_requests,
         max_tokens_in_flight=args.max_tokens_in_flight, max_prompt_chars=args.max_prompt_chars, max_message_bytes=args.max_message_bytes,
         drain_delay_s=args.drain_delay, drain_grace_s=args.drain_grace, warmup=not args.no_warmup,
-        max_connection_age_s=args.max_connection_age,
-        security=security, health_port=args.health_port)
+        max_connection_age_s=args.max_connection_age, security=security, health_port=args.health_port,
+        slow_client_timeout_s=args.slow_client_timeout, tokenizer_threads=args.tokenizer_threads,
+        tokenizer_queue=args.tokenizer_queue, max_chat_messages=args.max_chat_messages,
+        max_watch_per_peer=args.max_watch_per_peer)
     engine = EngineConfig(
         model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
@@ -144,7 +159,8 @@ def configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig, Telem
         prefetch_blocks=args.prefetch_blocks)
     telemetry = TelemetryConfig(trace_exporter=args.trace_exporter, otlp_endpoint=args.otlp_endpoint,
                                 step_sample_ratio=args.trace_step_ratio,
-                                metrics_port=None if args.metrics_port < 0 else args.metrics_port)
+                                metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+                                metrics_host=args.metrics_host or args.host)
     return server, engine, telemetry
 
 

@@ -21,12 +21,22 @@ class ServerConfig:
     warmup: bool = True  # one-token generation before SERVING
     security: SecurityConfig = field(default_factory=SecurityConfig)
     health_port: int | None = None  # a plaintext port serving only grpc.health.v1 (probes when TLS is on)
+    slow_client_timeout_s: float = 60.0  # a stream whose client reads nothing this long ends (RESOURCE_EXHAUSTED)
+    tokenizer_threads: int = 2  # tokenization and chat templating run on these threads, never on the event loop
+    tokenizer_queue: int = 32  # tokenizer jobs waiting or running; beyond: RESOURCE_EXHAUSTED
+    max_chat_messages: int = 256  # messages of one chat input, checked before templating
+    max_watch_per_peer: int = 8  # open health Watch streams per peer address; beyond: RESOURCE_EXHAUSTED
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port < 65536:
-            raise ValueError("ServerConfig.port: must be in [0, 65535]")
-        for name in ("max_pending_requests", "max_prompt_chars", "max_message_bytes"):
+        for name in ("port", "health_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 65536:
+                raise ValueError(f"ServerConfig.{name}: must be in [0, 65535]")
+        for name in ("max_pending_requests", "max_prompt_chars", "max_message_bytes", "tokenizer_threads",
+                     "tokenizer_queue", "max_chat_messages", "max_watch_per_peer"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ServerConfig.{name}: must be positive")
         if self.drain_delay_s < 0 or self.drain_grace_s < 0:
             raise ValueError("ServerConfig.drain_delay_s / drain_grace_s: must be >= 0")
+        if not self.slow_client_timeout_s > 0:
+            raise ValueError("ServerConfig.slow_client_timeout_s: must be > 0")

@@ -7,10 +7,11 @@ import grpc
 from engine.config import EngineConfig, ModelSpec
 from engine.errors import CapacityExceeded, DataLoss, EngineError, EngineUnavailable, InvalidRequest, RequestFailed
 from engine.kv.stats import CertificateStats
-from engine.request import FinishReason, KVMode, RequestOutput, SamplingParams, StoppingParams
+from engine.request import MAX_STOP_STRINGS, FinishReason, KVMode, RequestOutput, SamplingParams, StoppingParams
 from server.pb.certkv.v1 import inference_pb2 as pb
 
 MAX_REQUEST_ID_CHARS = 128
+MAX_ROLE_CHARS = 64
 
 STATUS_FOR_ERROR: dict[type[EngineError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
@@ -62,6 +63,9 @@ def sampling_params(message: pb.GenerateRequest) -> SamplingParams:
 
 def stopping_params(message: pb.GenerateRequest, default_max_new: int) -> StoppingParams:
     s = message.stopping
+    for name, values in (("stop", s.stop), ("stop_token_ids", s.stop_token_ids)):
+        if len(values) > MAX_STOP_STRINGS:  # before copying a repeated field that may hold millions of entries
+            raise InvalidRequest(f"stopping.{name}", f"at most {MAX_STOP_STRINGS} entries, got {len(values)}")
     return StoppingParams(
         max_new_tokens=s.max_new_tokens if s.HasField("max_new_tokens") else default_max_new,
         min_new_tokens=s.min_new_tokens,
@@ -71,10 +75,22 @@ def stopping_params(message: pb.GenerateRequest, default_max_new: int) -> Stoppi
     )
 
 
-def chat_messages(message: pb.ChatMessages) -> list[dict[str, str]]:
-    if not message.messages:
-        raise InvalidRequest("input.messages", "at least one message is required")
-    return [{"role": m.role, "content": m.content} for m in message.messages]
+def max_new_tokens(message: pb.GenerateRequest) -> int | None:
+    """The request's own max_new_tokens, None when it leaves the server's default."""
+    return message.stopping.max_new_tokens if message.stopping.HasField("max_new_tokens") else None
+
+
+def chat_messages(message: pb.ChatMessages, max_messages: int, max_chars: int) -> list[dict[str, str]]:
+    """The messages as the chat template takes them, after bounding their number, their roles and their size."""
+    count = len(message.messages)
+    if not 0 < count <= max_messages:
+        raise InvalidRequest("input.messages", f"1 to {max_messages} messages (--max-chat-messages), got {count}")
+    chat = [{"role": m.role, "content": m.content} for m in message.messages]
+    if any(len(m["role"]) > MAX_ROLE_CHARS for m in chat):
+        raise InvalidRequest("input.messages", f"a role has more than {MAX_ROLE_CHARS} characters")
+    if sum(len(m["role"]) + len(m["content"]) for m in chat) > max_chars:
+        raise InvalidRequest("input.messages", f"longer than {max_chars} characters in all (--max-prompt-chars)")
+    return chat
 
 
 _MODES = {pb.DENSE: KVMode.DENSE, pb.QUANTIZED: KVMode.QUANTIZED, pb.CERTIFIED: KVMode.CERTIFIED,

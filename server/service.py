@@ -1,7 +1,11 @@
-"""certkv.v1.Inference: validate and tokenize before anything is admitted, then stream the engine's outputs.
+"""certkv.v1.Inference: validate, bound and tokenize before anything is admitted, then stream the engine's outputs.
 
-Every check (fields, sizes, lengths, chat rendering) runs before the request reaches the engine, so a bad
-request costs no KV block. Engine errors become gRPC statuses through convert.status_for.
+Every check (fields, sizes, lengths, chat rendering) runs before the request reaches the engine, so a bad request
+costs no KV block. A text that cannot fit the context (or whose Tokenize answer cannot fit a message) is refused
+before any tokenizer work, by a lower bound on its token count from its bytes (server/tokenizing.py); tokenization
+and chat templating run on a bounded pool of tokenizer threads, never on the event loop. A stream whose client
+reads nothing for `slow_client_timeout_s` ends with RESOURCE_EXHAUSTED and its request is aborted. Engine errors
+become gRPC statuses through convert.status_for; malformed request bytes are answered by security.LenientParsing.
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ import asyncio
 import logging
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 
 import grpc
@@ -23,11 +26,16 @@ from server.async_engine import AsyncEngine
 from server.config import ServerConfig
 from server.pb.certkv.v1 import inference_pb2 as pb
 from server.pb.certkv.v1 import inference_pb2_grpc as pb_grpc
-from server.security import MALFORMED
 from server.telemetry import Telemetry
+from server.tokenizing import TokenCountBound, TokenizerPool
 
 log = logging.getLogger(__name__)
 DEADLINE_SLACK_S = 0.5  # a client cancel this close to the deadline is counted as the deadline
+MIN_ANSWER_BYTES_PER_TOKEN = 4  # TokenizeResponse: >= 1 byte per packed id, >= 3 per token string
+
+
+class SlowClient(Exception):
+    """The client read nothing for slow_client_timeout_s while its stream had output waiting."""
 
 
 class InferenceService(pb_grpc.InferenceServicer):
@@ -35,22 +43,25 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.config = config
         self.telemetry = telemetry
         self.engine: AsyncEngine | None = None  # attached once the model is loaded
-        self.tokenizer = None  # the front end's own instance: the engine thread decodes with another
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="certkv-tokenize")
+        self.tokenizer = None  # the front end's own instance (the engine thread decodes with another)
+        self.bound: TokenCountBound | None = None
+        self.pool: TokenizerPool | None = None
 
     def attach(self, engine: AsyncEngine, tokenizer) -> None:
-        self.engine, self.tokenizer = engine, tokenizer
+        """Builds the token-count bound and the tokenizer pool (a second or so: call it off the event loop)."""
+        self.tokenizer = tokenizer
+        self.bound = TokenCountBound(tokenizer)
+        self.pool = TokenizerPool(tokenizer, self.config.tokenizer_threads, self.config.tokenizer_queue)
+        self.engine = engine
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         with self.telemetry.rpc_span("Generate", context.invocation_metadata()) as span:
-            async for message in self._generate(request, context, span):
-                yield message
+            await self._generate(request, context, span)
 
-    async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, span):
-        admitted = finished = False
+    async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, span) -> None:
+        admitted = ended = False
         metrics, last = self.telemetry.metrics, None
         try:
-            _parsed(request)
             engine = self._ready()
             client_id = convert.request_id(request) or uuid.uuid4().hex
             prepared = await self._prepare(request, engine, client_id)
@@ -62,18 +73,23 @@ class InferenceService(pb_grpc.InferenceServicer):
                     now = time.monotonic()
                     metrics.output(output, None if last is None else now - last)
                     self.telemetry.escalations(span, output.escalations)
-                    last, finished = now, output.finished
-                    yield convert.response(output, client_id)
+                    last, ended = now, output.finished
+                    await self._write(context, convert.response(output, client_id))
+        except SlowClient as exc:
+            ended = True
+            metrics.aborts.labels(metrics.model_name, "slow_client").inc()
+            span.set_attribute("aborted", "slow_client")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except EngineError as exc:
-            finished = True
+            ended = True
             await self._refuse(context, span, exc)
         except Exception:
-            finished = True
+            ended = True
             log.exception("Generate failed")
             metrics.rejections.labels(metrics.model_name, "INTERNAL").inc()
             await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged on the server)")
         finally:
-            if admitted and not finished:  # the client went away (cancel, deadline, disconnect, server stop)
+            if admitted and not ended:  # the client went away (cancel, deadline, disconnect, server stop)
                 # The client's own timer fires first and its cancel can arrive just before the server's copy of
                 # the deadline (started when the headers arrived) runs out: a cancel that close is the deadline.
                 remaining = context.time_remaining()
@@ -81,24 +97,39 @@ class InferenceService(pb_grpc.InferenceServicer):
                 metrics.aborts.labels(metrics.model_name, reason).inc()
                 span.set_attribute("aborted", reason)
 
+    async def _write(self, context: grpc.aio.ServicerContext, message: pb.GenerateResponse) -> None:
+        """Sends one message. A write that HTTP/2 flow control holds for slow_client_timeout_s means the client has
+        read nothing for that long: SlowClient."""
+        timeout = self.config.slow_client_timeout_s
+        try:
+            await asyncio.wait_for(context.write(message), timeout)
+        except TimeoutError:
+            raise SlowClient(f"the client read nothing for {timeout:g} s (--slow-client-timeout); the stream was "
+                             "ended to free its resources") from None
+
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         try:
-            _parsed(request)
             self._ready()
+            limit = self.config.max_message_bytes
+            why = f"its answer would exceed the message limit of {limit} bytes (--max-message-bytes)"
+            most = limit // MIN_ANSWER_BYTES_PER_TOKEN
             which = request.WhichOneof("input")
             if which == "messages":
-                ids = await self._render_chat(request.messages)
+                ids = await self._render_chat(request.messages, most, why)
             elif which == "text":
-                ids = await self._encode(request.text, "text", request.add_special_tokens)
+                ids = await self._encode(request.text, "text", request.add_special_tokens, most, why)
             else:
                 raise InvalidRequest("input", "one of text or messages is required")
-            return pb.TokenizeResponse(token_ids=ids, tokens=self.tokenizer.convert_ids_to_tokens(ids))
+            answer = await self.pool.run(_tokenize_answer, ids)
+            if (size := answer.ByteSize()) > limit:
+                raise InvalidRequest("input", f"the answer would be {size} bytes, over the message limit of {limit} "
+                                              "bytes (--max-message-bytes)")
+            return answer
         except EngineError as exc:
             await self._refuse(context, None, exc)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
-            _parsed(request)
             engine = self._ready().engine
             return convert.model_info(engine.spec, engine.config)
         except EngineError as exc:
@@ -118,51 +149,76 @@ class InferenceService(pb_grpc.InferenceServicer):
         return self.engine
 
     async def _prepare(self, message: pb.GenerateRequest, engine: AsyncEngine, client_id: str) -> Request:
+        """The engine request, every field checked; prompt work only once nothing else can refuse it."""
         llm = engine.engine
         sampling = convert.sampling_params(message)
         kv = llm.kv_policy(*convert.kv_choice(message))
-        prompt_ids = await self._prompt_ids(message)
+        context_len, max_new = llm.spec.max_model_len, convert.max_new_tokens(message)
+        if max_new is not None:
+            llm.validate_stopping(convert.stopping_params(message, max_new))
+            if max_new >= context_len:
+                raise InvalidRequest("stopping.max_new_tokens", f"{max_new} leaves no room for a prompt in the "
+                                                                f"context of {context_len} tokens")
+        room = context_len - (max_new or 1)
+        why = f"at most {room} fit the context of {context_len} tokens with max_new_tokens {max_new or 1}"
+        prompt_ids = await self._prompt_ids(message, context_len, room, why)
         stopping = convert.stopping_params(message, llm.default_max_new_tokens(len(prompt_ids)))
         return llm.new_request(uuid.uuid4().hex, prompt_ids, sampling, stopping, kv, client_id=client_id)
 
-    async def _prompt_ids(self, message: pb.GenerateRequest) -> list[int]:
+    async def _prompt_ids(self, message: pb.GenerateRequest, context_len: int, room: int, why: str) -> list[int]:
         which = message.WhichOneof("input")
         if which == "prompt":
-            return await self._encode(message.prompt, "input.prompt", add_special_tokens=True)
+            return await self._encode(message.prompt, "input.prompt", True, room, why)
         if which == "prompt_token_ids":
-            return list(message.prompt_token_ids.ids)
+            ids = message.prompt_token_ids.ids
+            if len(ids) >= context_len:  # before copying a field that may hold millions of ids
+                raise InvalidRequest("input", f"the prompt has {len(ids)} tokens; the context holds {context_len} "
+                                              "(prompt + at least one new token)")
+            return list(ids)
         if which == "messages":
-            return await self._render_chat(message.messages)
+            return await self._render_chat(message.messages, room, why)
         raise InvalidRequest("input", "one of prompt, prompt_token_ids or messages is required")
 
-    async def _encode(self, text: str, field: str, add_special_tokens: bool) -> list[int]:
+    async def _encode(self, text: str, field: str, add_special_tokens: bool, most: int, why: str) -> list[int]:
         if not text:
             raise InvalidRequest(field, "is empty")
         if len(text) > self.config.max_prompt_chars:
-            raise InvalidRequest(field, f"longer than {self.config.max_prompt_chars} characters")
-        loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(
-            self._pool, lambda: self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-        return list(encoded)
+            raise InvalidRequest(field, f"longer than {self.config.max_prompt_chars} characters (--max-prompt-chars)")
+        if self.bound.cheap:
+            self._check_bound(text, field, most, why)
+        return await self.pool.run(self._encode_job, text, field, add_special_tokens, most, why)
 
-    async def _render_chat(self, messages: pb.ChatMessages) -> list[int]:
-        chat = convert.chat_messages(messages)
-        if sum(len(m["content"]) for m in chat) > self.config.max_prompt_chars:
-            raise InvalidRequest("input.messages", f"longer than {self.config.max_prompt_chars} characters")
+    async def _render_chat(self, messages: pb.ChatMessages, most: int, why: str) -> list[int]:
+        chat = convert.chat_messages(messages, self.config.max_chat_messages, self.config.max_prompt_chars)
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest("input.messages", "the model has no chat template; send a prompt instead")
+        return await self.pool.run(self._chat_job, chat, most, why)
 
-        def render() -> str:
-            return self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    # ---- on a tokenizer thread ----------------------------------------------------------------------------------
+    def _encode_job(self, tokenizer, text: str, field: str, add_special_tokens: bool, most: int, why: str):
+        if not self.bound.cheap:
+            self._check_bound(text, field, most, why)
+        return self._tokenize(tokenizer, text, add_special_tokens)
 
+    def _chat_job(self, tokenizer, chat: list[dict[str, str]], most: int, why: str) -> list[int]:
         try:
-            text = await asyncio.get_running_loop().run_in_executor(self._pool, render)
+            text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # template errors (unknown role, bad order) are the caller's input
             raise InvalidRequest("input.messages", f"the chat template rejected the messages: {exc}") from exc
-        return await self._encode(text, "input.messages", add_special_tokens=False)
+        if not text:
+            raise InvalidRequest("input.messages", "the chat template rendered an empty prompt")
+        self._check_bound(text, "input.messages", most, why)
+        return self._tokenize(tokenizer, text, False)
+
+    def _tokenize(self, tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+        self.telemetry.metrics.tokenized(len(text))  # the work done: tests count it
+        return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def _check_bound(self, text: str, field: str, most: int, why: str) -> None:
+        at_least = self.bound.tokens_at_least(text)
+        if at_least > most:
+            raise InvalidRequest(field, f"at least {at_least} tokens (a lower bound from its length); {why}")
 
 
-
-def _parsed(request) -> None:
-    if request is MALFORMED:
-        raise InvalidRequest("request", "not a valid message of this method's request type (wire format or UTF-8)")
+def _tokenize_answer(tokenizer, ids: list[int]) -> pb.TokenizeResponse:
+    return pb.TokenizeResponse(token_ids=ids, tokens=tokenizer.convert_ids_to_tokens(ids))

@@ -5,8 +5,9 @@ Traces: a `certkv.Generate` SERVER span per RPC, continuing the caller's W3C tra
 transfer time); a `certkv.engine.step` span for a sampled fraction of engine steps. Exporters: none (default),
 console, or OTLP over gRPC; the SDK's OTEL_* environment variables (service name, endpoint, headers, sampler) apply.
 
-Metrics (Prometheus, one registry per server, served on --metrics-port): vLLM's names where one exists, so that
-KEDA or llm-d configurations written for vLLM work unchanged, and certkv_-prefixed ones for the certified cache.
+Metrics (Prometheus, one registry per server, served on --metrics-host:--metrics-port, without authentication):
+vLLM's names where one exists, so that KEDA or llm-d configurations written for vLLM work unchanged, and
+certkv_-prefixed ones for the certified cache.
 Counters move when requests end or escalate; live values (running, waiting, cache usage, tier bytes, prefetch
 hits) are read from the engine at scrape time.
 """
@@ -42,6 +43,7 @@ class TelemetryConfig:
     otlp_endpoint: str | None = None  # default: OTEL_EXPORTER_OTLP_ENDPOINT or localhost:4317
     step_sample_ratio: float = 0.0  # fraction of engine steps traced
     metrics_port: int | None = None  # None: no HTTP endpoint (the registry still exists); 0: any free port
+    metrics_host: str = "127.0.0.1"  # the address /metrics listens on (it has no authentication)
 
     def __post_init__(self) -> None:
         if self.trace_exporter not in EXPORTERS:
@@ -63,9 +65,15 @@ class Telemetry:
         self.metrics_port: int | None = None
 
     def start_http(self) -> None:
-        if self.config.metrics_port is not None:
-            self.http, _ = start_http_server(self.config.metrics_port, registry=self.registry)
-            self.metrics_port = self.http.server_port
+        """Serves /metrics on metrics_host:metrics_port; a port that cannot be bound is a ValueError naming it."""
+        host, port = self.config.metrics_host, self.config.metrics_port
+        if port is None:
+            return
+        try:
+            self.http, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise ValueError(f"--metrics-port {port}: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+        self.metrics_port = self.http.server_port
 
     def watch(self, snapshot) -> None:
         """Live values for /metrics: `snapshot()` returns the engine's LiveStats."""
@@ -155,6 +163,10 @@ class Metrics:
                                           "than tolerance times its scale (audit mode).")
         self.aborts = counter("certkv_aborts", "Requests that ended without a final output.", ("reason",))
         self.rejections = counter("certkv_rejections", "Requests refused with a gRPC status.", ("code",))
+        self.tokenizer_characters = counter("certkv_tokenizer_characters", "Characters handed to the tokenizer.")
+
+    def tokenized(self, characters: int) -> None:
+        self.tokenizer_characters.labels(self.model_name).inc(characters)
 
     def output(self, out: RequestOutput, gap: float | None) -> None:
         m = self.model_name
