@@ -7,15 +7,23 @@ for rate limits and logs) or a bare token (named by its line number). Every RPC 
 A refused call is answered UNAUTHENTICATED by a handler of the same streaming shape as the real one, so no
 client hangs and no engine work starts.
 
-Rate limits: `--rate-limit R` gives each client (token name, or peer address without auth) a token bucket of R
-requests per second with a burst of `--rate-burst`; beyond it, RESOURCE_EXHAUSTED with a `retry-after-ms` trailer.
+Rate limits: `--rate-limit R` gives each client (token name, or peer IP address without auth: every connection
+from one address shares its bucket) a token bucket of R requests per second with a burst of `--rate-burst`; beyond
+it, RESOURCE_EXHAUSTED with a `retry-after-ms` trailer. The peer is known only inside the call, so the limit runs
+in a wrapper around the method's handler, before it starts.
+
+Malformed bytes: LenientParsing parses the requests of every method (Inference, health, reflection) without
+raising, and answers bytes that are not a valid message (bad wire format, invalid UTF-8 in a string field) with
+INVALID_ARGUMENT, where grpcio would answer INTERNAL or UNKNOWN.
 """
 
 from __future__ import annotations
 
 import hmac
+import inspect
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,21 +78,32 @@ def server_credentials(config: SecurityConfig) -> grpc.ServerCredentials | None:
                                        require_client_auth=config.tls_client_ca is not None)
 
 
+def peer_address(peer: str) -> str:
+    """A peer without its port: 'ipv4:10.0.0.7:51234' -> 'ipv4:10.0.0.7', 'ipv6:[::1]:5' -> 'ipv6:[::1]'."""
+    kind, _, rest = (peer or "").partition(":")
+    if kind in ("ipv4", "ipv6") and ":" in rest:
+        return f"{kind}:{rest.rpartition(':')[0]}"
+    return peer or "unknown"
+
+
+MAX_BUCKETS = 10_000  # clients tracked at once; the least recently seen are forgotten beyond it
+
+
 class TokenBuckets:
     def __init__(self, rate: float, burst: int):
         self.rate, self.burst = rate, burst
-        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, last refill)
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, last refill), least recent first
 
     def take(self, client: str) -> float:
         """0 if the client may proceed, else the seconds until a token is available."""
         now = time.monotonic()
-        tokens, last = self._buckets.get(client, (float(self.burst), now))
+        tokens, last = self._buckets.pop(client, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-        if tokens >= 1:
-            self._buckets[client] = (tokens - 1, now)
-            return 0.0
-        self._buckets[client] = (tokens, now)
-        return (1 - tokens) / self.rate
+        wait = 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+        self._buckets[client] = (tokens - 1 if not wait else tokens, now)
+        while len(self._buckets) > MAX_BUCKETS:
+            del self._buckets[next(iter(self._buckets))]
+        return wait
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):
@@ -103,18 +122,22 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         if client is None:
             self.on_reject("UNAUTHENTICATED")
             return _deny(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token", ())
-        if self.buckets is not None:
-            wait = self.buckets.take(client)
-            if wait:
+        if self.buckets is None:
+            return handler
+
+        async def limit(context) -> None:
+            key = client or peer_address(context.peer())
+            if wait := self.buckets.take(key):
                 self.on_reject("RESOURCE_EXHAUSTED")
-                return _deny(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, f"rate limit for client {client!r}",
-                             (("retry-after-ms", str(int(wait * 1000) + 1)),))
-        return handler
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"rate limit for client {key!r}",
+                                    trailing_metadata=(("retry-after-ms", str(int(wait * 1000) + 1)),))
+
+        return wrap_handler(handler, before=limit)
 
     def _identify(self, metadata) -> str | None:
-        """The client's name: the token's name with auth, else 'anonymous'. None when auth fails."""
+        """The client's name: the token's name with auth, else "" (the peer address names it). None: auth fails."""
         if not self.config.auth:
-            return "anonymous"
+            return ""
         values = [value for key, value in (metadata or ()) if key == "authorization"]
         if len(values) != 1 or not isinstance(values[0], str):
             return None
@@ -133,16 +156,13 @@ MALFORMED = object()  # what a lenient parser returns for bytes that are not a v
 
 
 class LenientParsing(grpc.aio.ServerInterceptor):
-    """Parses requests of the given service without raising: undecodable bytes (bad wire format, invalid UTF-8 in a
-    string field) reach the handler as MALFORMED, which answers INVALID_ARGUMENT, instead of grpcio's INTERNAL
-    "Exception deserializing request!"."""
-
-    def __init__(self, service: str):
-        self.prefix = f"/{service}/"
+    """Parses every method's requests without raising: bytes that are not a valid message (bad wire format, invalid
+    UTF-8 in a string field) are answered INVALID_ARGUMENT before the method runs, instead of grpcio's INTERNAL
+    "Exception deserializing request!" or UNKNOWN."""
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(self.prefix) or handler.request_deserializer is None:
+        if handler is None or handler.request_deserializer is None:
             return handler
         parse = handler.request_deserializer
 
@@ -152,7 +172,55 @@ class LenientParsing(grpc.aio.ServerInterceptor):
             except Exception:  # protobuf's DecodeError and anything the parser raises on hostile bytes
                 return MALFORMED
 
-        return handler._replace(request_deserializer=lenient)
+        return wrap_handler(handler._replace(request_deserializer=lenient), check=_refuse_malformed)
+
+
+async def _refuse_malformed(request, context) -> None:
+    if request is MALFORMED:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            "request: not a valid message of this method's request type (wire format or UTF-8)")
+
+
+async def _nothing(*args) -> None:
+    return None
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, before: Callable[..., Awaitable[None]] = _nothing,
+                 check: Callable[..., Awaitable[None]] = _nothing) -> grpc.RpcMethodHandler:
+    """A handler of the same shape that awaits before(context), then check(request, context) for every request,
+    then runs the method. Either may abort the call. Streamed answers are written with context.write."""
+    if handler.request_streaming:
+        behavior = handler.stream_stream or handler.stream_unary
+
+        async def call(requests, context):
+            await before(context)
+            return await _answer(behavior(_checked(requests, context, check), context), context)
+    else:
+        behavior = handler.unary_stream or handler.unary_unary
+
+        async def call(request, context):
+            await before(context)
+            await check(request, context)
+            return await _answer(behavior(request, context), context)
+
+    kind = ("stream_" if handler.request_streaming else "unary_") + ("stream" if handler.response_streaming
+                                                                     else "unary")
+    return handler._replace(**{kind: call})
+
+
+async def _checked(requests, context, check):
+    async for request in requests:
+        await check(request, context)
+        yield request
+
+
+async def _answer(result, context):
+    """Awaits a method's result: a coroutine's value, or an async generator's messages written one by one."""
+    if inspect.isasyncgen(result):
+        async for message in result:
+            await context.write(message)
+        return None
+    return await result
 
 
 def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str, trailing):
