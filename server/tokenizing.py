@@ -10,8 +10,10 @@ few sets (all bytes, all but whitespace, word bytes, ...): long entries are runs
 mark, entries with words in them are short (25 word bytes at most in SmolLM2's vocabulary, against 81 bytes in
 all), so ordinary text gets a bound near a quarter of its word bytes. Added and special tokens are entries too;
 a Metaspace "▁" counts as the three bytes it is. The bound holds only where no step deletes text: it is used for
-fast tokenizers whose model is BPE (no fused unknown token) and whose pre-tokenizers keep every byte (ByteLevel,
-Metaspace, Split, Digits, Punctuation, not "Removed"); a normalizer, if any, is applied first. Elsewhere it is 0.
+fast tokenizers whose model is BPE (no fused unknown token; byte fallback or an unknown token unless byte-level)
+and whose pre-tokenizers keep every byte (ByteLevel, Metaspace, Split, Digits, Punctuation, not "Removed"); bytes
+that a byte-level vocabulary has no token for (BPE drops them silently) are not counted, and a normalizer, if any,
+is applied first. Elsewhere the bound is 0.
 """
 
 from __future__ import annotations
@@ -57,7 +59,13 @@ class TokenCountBound:
         self.sound = spec is not None and _keeps_every_byte(spec)
         self.normalizer = backend.normalizer if self.sound else None
         byte_level = self.sound and _mentions(spec, "ByteLevel")
-        entries = [*tokenizer.get_vocab(), *(t.content for t in tokenizer.added_tokens_decoder.values())]
+        vocab = tokenizer.get_vocab()
+        if not byte_level and self.sound:  # a character with no token and no byte fallback is dropped or <unk>
+            model = spec["model"]
+            self.sound = bool(model.get("byte_fallback") or model.get("unk_token"))
+        # Byte-level BPE silently drops a byte that has no token of its own: such bytes are not counted.
+        self.dropped = bytes(b for c, b in _byte_level_alphabet().items() if c not in vocab) if byte_level else b""
+        entries = [*vocab, *(t.content for t in tokenizer.added_tokens_decoder.values())]
         counts = [_classes(_span_bytes(entry, byte_level)) for entry in entries] if self.sound else []
         self.most = [max((sum(c[i] for i in group) for c in counts), default=0) for group in _SETS]
 
@@ -71,7 +79,7 @@ class TokenCountBound:
             return 0
         if self.normalizer is not None:
             text = self.normalizer.normalize_str(text)
-        counts = _classes(text.encode("utf-8", "surrogatepass"))
+        counts = _classes(text.encode("utf-8", "surrogatepass").translate(None, self.dropped))
         return max((math.ceil(sum(counts[i] for i in group) / most) for group, most in zip(_SETS, self.most) if most),
                    default=0)
 
