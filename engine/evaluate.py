@@ -80,7 +80,10 @@ def summarize(engine, policy, windows, nll, kl_sum, scored, stats: list[Certific
         "rung_fraction": [r / evaluations for r in rungs] if certifying and evaluations else None,
         "escalation_rate": 1 - rungs[0] / evaluations if certifying and evaluations else None,
         "audit_violations": sum(s.audit_violations for s in stats) if policy.mode is KVMode.AUDIT else None,
+        "promise_violations": sum(s.promise_violations for s in stats) if policy.mode is KVMode.AUDIT else None,
         "worst_actual_over_bound": max((s.worst_actual_over_bound for s in stats), default=0.0)
+        if policy.mode is KVMode.AUDIT else None,
+        "worst_actual_over_promise": max((s.worst_actual_over_promise for s in stats), default=0.0)
         if policy.mode is KVMode.AUDIT else None,
         "median_actual_over_bound": CertificateStats.histogram_median(hist) if policy.mode is KVMode.AUDIT else None,
         "quantized_key_mass": sum(s.quantized_key_mass for s in stats) / evaluations if evaluations else None,

@@ -18,9 +18,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| quantizer | bits K/V | mode | tolerance | PPL | vs dense | KL | rung 0 | rung 1 | rung 2 | rung 3 | violations | "
-            "median actual/bound | mass on quantized keys | tier-1 bytes vs FP16 |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| quantizer | bits K/V | mode | tolerance | PPL | vs dense | KL | rung 0 | rung 1 | rung 2 | rung 3 | "
+            "bound violations | promise violations | median actual/bound | worst actual/promise | "
+            "mass on quantized keys | tier-1 bytes vs FP16 |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
     def fmt(value, spec=""):
         return "-" if value is None else format(value, spec)
@@ -32,7 +32,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['quantizer']}", f"K{r['k_bits']}/V{r['v_bits']}", r["mode"], fmt(r["tolerance"]), f"{r['ppl']:.3f}",
             f"{r['ppl_delta_pct']:+.2f}%", f"{r['kl_mean']:.2e}",
             *(fmt(None if x is None else 100 * x, ".1f") + ("%" if x is not None else "") for x in rungs[:4]),
-            fmt(r["audit_violations"]), fmt(r["median_actual_over_bound"], ".3f"), fmt(r["quantized_key_mass"], ".2f"),
+            fmt(r["audit_violations"]), fmt(r["promise_violations"]), fmt(r["median_actual_over_bound"], ".3f"),
+            fmt(r["worst_actual_over_promise"], ".3f"), fmt(r["quantized_key_mass"], ".2f"),
             f"{r['tier1_bytes_per_token_vs_fp16']:.3f} |"]))
     return "\n".join([head, *lines])
 
@@ -43,7 +44,7 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=1024)
-    parser.add_argument("--configs", nargs="+", default=["minmax:8/4", "minmax:4/4", "minmax:4/2"],
+    parser.add_argument("--configs", nargs="+", default=["minmax:8/4", "minmax:4/4", "minmax:4/2", "minmax:8/2"],
                         help="QUANTIZER:K/V[:RANKxBITS], e.g. minmax/hadamard:5/2 or headq/hadamard:4/2:32x4 "
                              "(engine/kv/quantizers.py, engine/kv/headq.py)")
     parser.add_argument("--headq-basis",

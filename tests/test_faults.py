@@ -46,6 +46,23 @@ async def test_lost_or_corrupt_shadows_end_only_that_request_with_data_loss(tiny
     assert results[1][0] == grpc.StatusCode.OK and after[0] == grpc.StatusCode.OK
 
 
+@pytest.mark.parametrize("mode,chunk", [(pb.EXACT, 512), (pb.DENSE, 512), (pb.AUDIT, 512), (pb.EXACT, 16)])
+async def test_every_path_that_reads_a_corrupt_shadow_ends_with_data_loss(tiny_llama, mode, chunk):
+    """Exact and dense decodes on the tiered cache, audit's reference and prefill chunks over a cached prefix (chunk
+    16: the second chunk reads the first block's shadow) read tier 2 too: a corrupt shadow is DATA_LOSS there, never
+    OK with tokens (and a certificate) that came from corrupt data. Each block is checked once after its write."""
+    async with running_server(tiny_llama, faults=FaultPlan({"shadow.corrupt": {"request": "victim"}}, testing=True),
+                              kv_mode="certified", max_num_batched_tokens=chunk) as server:
+        async with channel_to(server) as (stub, _):
+            victim = await outcome(stub, request("victim", mode=mode))
+            bystander = await outcome(stub, request("bystander", mode=mode))
+        await wait_quiescent(server)
+        cache = server.engine.runner.cache
+        assert not any(cache.in_use().values()) and bool(cache.verified[0].any())
+    assert victim[0] == grpc.StatusCode.DATA_LOSS
+    assert bystander == (grpc.StatusCode.OK, hf_greedy(tiny_llama, PROMPT, 12))
+
+
 async def test_failed_copy_is_data_loss(tiny_llama):
     async with serve(tiny_llama, {"copy.fail": {}}, scratch=64) as server:
         async with channel_to(server) as (stub, _):

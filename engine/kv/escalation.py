@@ -182,11 +182,7 @@ class Ladder:
         """Dense attention from tier 2 for the given groups (whole sequences for broken ones)."""
         out, bound, limit, rung = state
         seqs = sorted({i for i, _ in groups})
-        index = [plan.quant_seqs[i] for i in seqs]
-        bs = self.cache.block_size
-        self.cache.verify(layer, [plan.request_ids[i] for i in seqs],
-                          [batch.block_ids[s][:(batch.starts[s] + 1) // bs] for s in index],
-                          [plan.client_ids[i] for i in seqs])
+        index = self._verified(layer, plan, batch, seqs)
         start = time.perf_counter()
         exact = self.cache.exact_decode(layer, q[seqs], batch.block_tables[index], batch.context_lens[index], scale,
                                         plan.window)
@@ -200,6 +196,16 @@ class Ladder:
             moved[(i, h)] = (blocks, 2 * blocks * self.cache.block_size * out.shape[-1] * self.cache.dtype.itemsize,
                              seconds)
         return moved
+
+    def _verified(self, layer, plan, batch, seqs: list[int]) -> list[int]:
+        """Checks the shadows of the decode sequences `seqs` (indices into the plan) before a path reads them all;
+        returns their indices into the batch."""
+        index = [plan.quant_seqs[i] for i in seqs]
+        bs = self.cache.block_size
+        self.cache.verify(layer, [plan.request_ids[i] for i in seqs],
+                          [batch.block_ids[s][:(batch.starts[s] + 1) // bs] for s in index],
+                          [plan.client_ids[i] for i in seqs])
+        return index
 
     def _plan_groups(self, layer, result, terms, view, groups, limit, radius) -> list:
         """Per group (i, h): ((position, block) value promotions, key blocks), or None when no promotion can certify
@@ -241,7 +247,7 @@ class Ladder:
         dtype) is farther from it than their bound are bound violations; farther than tolerance * max(||O_ref||,
         RMS_ref), promise violations. Counted apart: either is a defect."""
         audited = [i for i, m in enumerate(plan.modes) if m is KVMode.AUDIT]
-        index = [plan.quant_seqs[i] for i in audited]
+        index = self._verified(layer, plan, batch, audited)
         ref, rms = self.cache.reference_decode(layer, q[audited], batch.block_tables[index],
                                                batch.context_lens[index], scale, plan.window)
         shape = (len(audited), *out.shape[1:])

@@ -69,6 +69,7 @@ class Tally:
 class StepPlan:
     write: WritePlan
     exact_seqs: torch.Tensor  # [Be] decode sequences (index into B) attended from tier 2 (dense, exact modes)
+    exact_seqs_list: list[int]  # the same on the host
     exact_rows: torch.Tensor  # [Be] their rows
     exact_ids: list[str]  # their requests in exact mode (counted in certificates)
     quant_seqs: list[int]  # decode sequences attended from tier 1
@@ -111,8 +112,10 @@ class TieredKVCache:
         self.copy = CopyEngine(device, prefetch, limit=prefetch_blocks)
         self.faults = faults
         # Checksums of the shadows of full blocks (bit patterns of K and V summed), set when a block fills and
-        # verified wherever exactness depends on the shadows: ladder fetches and exact recomputes.
+        # verified before any path reads the shadows (prefill, dense and exact decodes, the ladder's fetches and
+        # recomputes, audit): once per block, `verified` marks the blocks checked since they were last written.
         self.checksums = [torch.zeros(num_blocks, dtype=torch.int64) for _ in range(num_layers)]
+        self.verified = [torch.zeros(num_blocks, dtype=torch.bool) for _ in range(num_layers)]
         self._corrupted: set[str] = set()
 
     def _tier1(self, layer: int, max_seqs: int) -> QuantizedLayer:
@@ -199,6 +202,7 @@ class TieredKVCache:
     def forward(self, layer, q, k, v, batch, scale, window: int | None = None):
         plan = self._windowed(batch, window)
         self._write(layer, k, v, batch.slot_mapping, plan.write)
+        self._verify_reads(layer, batch, plan)
         out = torch.empty_like(q)
         for seq in batch.prefill_seqs:  # prefill chunks are exact: the dense computation on the shadows
             lo, hi = batch.query_starts[seq], batch.query_starts[seq + 1]
@@ -236,24 +240,37 @@ class TieredKVCache:
             stats.quantized_key_mass += tail_mass[i]
 
     def verify(self, layer: int, request_ids: list[str], blocks: list[list[int]], client_ids: list[str]) -> None:
-        """Raises ShadowError for the requests whose shadows (of full blocks) are missing or fail their checksum."""
+        """Raises ShadowError for the requests whose shadows (of full blocks) are missing or fail their checksum. Each
+        block is checked once after it was written (`verified`); all unchecked blocks of the call in one pass."""
         bad = [rid for rid, client in zip(request_ids, client_ids) if self.faults.targets("shadow.drop", client)]
-        for rid, full in zip(request_ids, blocks):
-            if full and rid not in bad:
-                index = torch.tensor(full)
-                found = _checksum(self.shadow_k[layer][index], self.shadow_v[layer][index])
-                if not torch.equal(found, self.checksums[layer][index]):
-                    bad.append(rid)
+        verified = self.verified[layer]
+        fresh = sorted({b for rid, full in zip(request_ids, blocks) if rid not in bad for b in full if not verified[b]})
+        if fresh:
+            index = torch.tensor(fresh)
+            ok = _checksum(self.shadow_k[layer][index], self.shadow_v[layer][index]) == self.checksums[layer][index]
+            verified[index[ok]] = True
+            failed = set(index[~ok].tolist())
+            bad += [rid for rid, full in zip(request_ids, blocks) if rid not in bad and failed.intersection(full)]
         if bad:
             raise ShadowError(bad, "tier-2 shadow missing or corrupt")
+
+    def _verify_reads(self, layer: int, batch: ForwardBatch, plan: StepPlan) -> None:
+        """Before prefill chunks and dense or exact decodes read the shadows: their sequences' full blocks."""
+        seqs = batch.prefill_seqs + plan.exact_seqs_list
+        if seqs:
+            bs = self.block_size
+            self.verify(layer, [batch.request_ids[s] for s in seqs],
+                        [batch.block_ids[s][:(batch.starts[s] + batch.query_len(s)) // bs] for s in seqs],
+                        [batch.client_ids[s] for s in seqs])
 
     def _inject(self, client_id: str, first_block: int) -> None:
         """Fault points acting on a request's first full block, once (tests only: FaultPlan)."""
         if client_id in self._corrupted:
             return
         if self.faults.targets("shadow.corrupt", client_id):
-            for shadow in self.shadow_k:
+            for shadow, verified in zip(self.shadow_k, self.verified):
                 shadow[first_block] += 1.0
+                verified[first_block] = False  # rewritten, as far as the checks can tell
             self.faults.hit("shadow.corrupt")
         elif self.faults.targets("kv.nonfinite", client_id):
             self.layers[0].k_scale[first_block] = torch.inf
@@ -308,7 +325,9 @@ class TieredKVCache:
     def _quantize(self, layer: int, blocks: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """keys, values [N, Hkv, bs, D] exact -> codes, metadata and measured error norms of `blocks`."""
         tier1, q = self.layers[layer], self.quantizers[layer]
-        self.checksums[layer][blocks.to(self.shadow_device)] = _checksum(keys, values).to(self.shadow_device)
+        host = blocks.to(self.shadow_device)
+        self.checksums[layer][host] = _checksum(keys, values).to(self.shadow_device)
+        self.verified[layer][host] = False
         written = quantize_blocks(keys, values, q)
         k_codes, v_codes = written.keys, written.values
         tier1.k_codes[blocks], tier1.k_scale[blocks], tier1.k_zero[blocks] = k_codes.codes, k_codes.scale, k_codes.zero
@@ -379,7 +398,7 @@ class TieredKVCache:
         quant = [s for s in decode if batch.kv[s].quantized]
         rows = [batch.query_starts[s] for s in quant]
         return dict(
-            exact_seqs=torch.tensor(exact, dtype=torch.int64, device=device),
+            exact_seqs=torch.tensor(exact, dtype=torch.int64, device=device), exact_seqs_list=exact,
             exact_rows=torch.tensor([batch.query_starts[s] for s in exact], dtype=torch.int64, device=device),
             exact_ids=[batch.request_ids[s] for s in exact if batch.kv[s].mode is KVMode.EXACT],
             quant_seqs=quant, quant_rows=torch.tensor(rows, dtype=torch.int64, device=device),
