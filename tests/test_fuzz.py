@@ -107,3 +107,30 @@ async def test_server_still_serves_after_fuzzing(fuzz_server):
     async with channel_to(fuzz_server) as (stub, _):
         assert len(await collect(stub, greedy([5, 6, 7], 3))) >= 1
     await wait_quiescent(fuzz_server)
+
+
+OTHER_METHODS = [("/grpc.health.v1.Health/Check", "none"), ("/grpc.health.v1.Health/Watch", "response"),
+                 ("/grpc.health.v1.Health/List", "none"), ("/certkv.v1.Inference/Tokenize", "none"),
+                 ("/certkv.v1.Inference/GetModelInfo", "none"),
+                 ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "both")]
+
+
+@pytest.mark.parametrize("path,streaming", OTHER_METHODS, ids=[p.rsplit("/", 1)[1] for p, _ in OTHER_METHODS])
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(payload=st.one_of(st.binary(max_size=100), st.sampled_from([b"\x0a\x02\xff\xfe", b"\x0a\x80", b"\xff" * 10])))
+async def test_raw_bytes_on_every_other_method(fuzz_server, path, streaming, payload):
+    """Health, reflection and the unary Inference methods: never UNKNOWN or INTERNAL (an unknown health service is
+    NOT_FOUND, as grpc.health.v1 says)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{fuzz_server.port}") as channel:
+        try:
+            if streaming == "none":
+                await channel.unary_unary(path)(payload, timeout=20)
+            else:
+                call = (channel.unary_stream(path)(payload, timeout=20) if streaming == "response"
+                        else channel.stream_stream(path)(iter([payload]), timeout=20))
+                await call.read()  # a Watch stays open: its first answer is enough
+                call.cancel()
+            code = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+    assert code in ALLOWED | {grpc.StatusCode.NOT_FOUND}, code

@@ -1,5 +1,7 @@
 """The server as a process: SIGTERM drains (NOT_SERVING first, new calls UNAVAILABLE, the in-flight stream finishes,
-exit 0), and a model that cannot load makes the process exit non-zero without ever reporting SERVING."""
+exit 0, each phase logged), a model that cannot load makes the process exit non-zero without ever reporting
+SERVING, and a port that is taken is a clean start-up error naming it, before the model loads. Listeners are
+exclusive and local: a second server cannot share the gRPC port, /metrics listens on the server's host."""
 
 import asyncio
 import os
@@ -10,10 +12,14 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from engine.config import EngineConfig
 from server.pb.certkv.v1 import inference_pb2_grpc as pb_grpc
-from tests.serving import greedy
+from server.telemetry import Telemetry, TelemetryConfig
+from tests.helpers import TEST_DEVICE
+from tests.serving import greedy, running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,6 +74,9 @@ async def test_sigterm_drains(tiny_llama, tmp_path):
                 tokens += message.token_ids
             assert len(tokens) == 400  # finished within the grace period
         assert await asyncio.wait_for(process.wait(), timeout=60) == 0
+        log = (tmp_path / "server.log").read_text()
+        for line in ("received SIGTERM: draining", "draining: NOT_SERVING", "drained in"):
+            assert line in log, line
     finally:
         if process.returncode is None:
             process.kill()
@@ -81,3 +90,35 @@ async def test_startup_failure_exits_nonzero(tmp_path):
                           "--metrics-port", "-1")
     assert await asyncio.wait_for(process.wait(), timeout=120) != 0
     assert "cannot start" in (tmp_path / "server.log").read_text()
+
+
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port", "--health-port"])
+async def test_a_taken_port_is_a_clean_start_up_error_before_the_model_loads(tmp_path, flag):
+    """The error names the port and its flag; the model (which does not exist) is never looked at."""
+    ports = {"--port": free_port(), "--metrics-port": free_port(), "--health-port": free_port()}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports[flag]))
+        taken.listen()
+        process = await spawn(tmp_path / "server.log", "--model", str(tmp_path / "no-such-model"),
+                              *(str(v) for item in ports.items() for v in item))
+        assert await asyncio.wait_for(process.wait(), timeout=120) != 0
+    log = (tmp_path / "server.log").read_text()
+    assert f"cannot start: {flag} {ports[flag]}: cannot listen on 127.0.0.1:{ports[flag]}" in log, log
+    assert "neither an HF model directory" not in log and "Traceback" not in log
+
+
+async def test_a_second_server_cannot_share_the_port(tiny_llama):
+    from server.app import CertkvServer
+    from server.config import ServerConfig
+
+    async with running_server(tiny_llama) as first:
+        second = CertkvServer(ServerConfig(port=first.port), EngineConfig(model=str(tiny_llama), device=TEST_DEVICE))
+        with pytest.raises(ValueError, match=f"--port {first.port}: cannot listen"):
+            await second.start()
+
+
+async def test_metrics_listen_on_the_servers_host(tiny_llama):
+    telemetry = Telemetry(TelemetryConfig(metrics_port=0, metrics_host="127.0.0.1"), "tiny")
+    async with running_server(tiny_llama, telemetry=telemetry) as server:
+        assert server.telemetry.http.server_address[0] == "127.0.0.1"
+        assert TelemetryConfig().metrics_host == "127.0.0.1"

@@ -122,6 +122,22 @@ async def test_rate_limit_per_tenant(tiny_llama):
     assert [code for code, _ in b] == ["ok", "ok"] and check
 
 
+async def test_rate_limit_without_auth_is_per_peer_address(tiny_llama):
+    """The docstring promised a bucket per peer address; the code had one global bucket, so one client's burst
+    refused everyone. Connections from one address share its bucket."""
+    security = SecurityConfig(rate_limit=0.01, rate_burst=2)  # no refill within the test
+    async with running_server(tiny_llama, server_overrides={"security": security, "host": "localhost"}) as server:
+        async def codes(target: str, n: int) -> list[grpc.StatusCode]:
+            async with grpc.aio.insecure_channel(target) as channel:
+                return [await call(channel, "/certkv.v1.Inference/GetModelInfo",
+                                   (False, False, pb.GetModelInfoRequest().SerializeToString()), ()) for _ in range(n)]
+
+        ok, limited = grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert await codes(f"127.0.0.1:{server.port}", 3) == [ok, ok, limited]
+        assert await codes(f"127.0.0.1:{server.port}", 1) == [limited]  # a new connection from the same address
+        assert await codes(f"[::1]:{server.port}", 2) == [ok, ok]  # another peer has its own bucket
+
+
 # ---- TLS -----------------------------------------------------------------------------------------------------------
 def _key():
     return ec.generate_private_key(ec.SECP256R1())

@@ -73,6 +73,10 @@ BAD = [
     ("kv.mode", pb.GenerateRequest(prompt="x", kv=pb.KVPolicy(mode=42))),
     ("kv.mode", pb.GenerateRequest(prompt="x", kv=pb.KVPolicy(mode=pb.CERTIFIED))),  # the server runs dense
     ("request_id", pb.GenerateRequest(prompt="x", request_id="r" * 200)),
+    ("stopping.stop_token_ids", greedy(PROMPT, 2, stop_token_ids=[49152])),
+    ("stopping.stop", greedy(PROMPT, 2, stop=["a"] * 17)),
+    ("sampling.repetition_penalty", pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(repetition_penalty=200))),
+    ("stopping.max_new_tokens", pb.GenerateRequest(prompt="x", stopping=pb.StoppingCriteria(max_new_tokens=512))),
 ]
 
 
@@ -220,3 +224,79 @@ async def test_not_serving_until_loaded(tiny_llama):
         check = await health.Check(health_pb2.HealthCheckRequest(service="certkv.v1.Inference"))
         assert check.status == health_pb2.HealthCheckResponse.SERVING
     await server.drain()
+
+
+# ---- health and reflection (issue 17, items 7 and 8) ---------------------------------------------------------------
+TRUNCATED, BAD_UTF8 = b"\x0a\x80", b"\x0a\x02\xff\xfe"  # a cut length; field 1 a string of invalid UTF-8
+
+
+async def raw_status(channel, path: str, streaming: str, payload: bytes) -> grpc.StatusCode:
+    try:
+        if streaming == "none":
+            await channel.unary_unary(path)(payload, timeout=10)
+        else:
+            call = (channel.unary_stream(path)(payload, timeout=10) if streaming == "response"
+                    else channel.stream_stream(path)(iter([payload]), timeout=10))
+            await call.read()
+            call.cancel()
+        return grpc.StatusCode.OK
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+
+
+async def test_malformed_bytes_on_health_and_reflection_are_invalid_argument(server):
+    """They were UNKNOWN or INTERNAL (grpcio's own answer to bytes it cannot parse)."""
+    methods = [("/grpc.health.v1.Health/Check", "none"), ("/grpc.health.v1.Health/Watch", "response"),
+               ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "both"),
+               ("/certkv.v1.Inference/Tokenize", "none"), ("/certkv.v1.Inference/Generate", "response")]
+    calls = [(path, streaming, payload) for path, streaming in methods for payload in (TRUNCATED, BAD_UTF8)]
+    calls.append(("/grpc.health.v1.Health/List", "none", TRUNCATED))  # its request has no string field
+    async with channel_to(server) as (_, channel):
+        codes = {(path, payload): await raw_status(channel, path, streaming, payload)
+                 for path, streaming, payload in calls}
+    assert set(codes.values()) == {grpc.StatusCode.INVALID_ARGUMENT}, codes
+
+
+async def test_health_list_reports_every_service(server):
+    async with channel_to(server) as (_, channel):
+        listed = await health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest())
+    assert {name: s.status for name, s in listed.statuses.items()} == {
+        "": health_pb2.HealthCheckResponse.SERVING, "certkv.v1.Inference": health_pb2.HealthCheckResponse.SERVING}
+
+
+async def test_watch_streams_end_when_draining_starts(tiny_llama):
+    """An open Watch stream (no token needed) used to hold every drain for the whole grace period."""
+    async with running_server(tiny_llama, server_overrides={"drain_grace_s": 120.0}) as server:
+        async with channel_to(server) as (_, channel):
+            health = health_pb2_grpc.HealthStub(channel)
+            watches = [health.Watch(health_pb2.HealthCheckRequest(service=name)) for name in ("", "certkv.v1.Inference")]
+            for watch in watches:
+                assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            draining = asyncio.ensure_future(server.drain())
+            for watch in watches:
+                assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+                assert await watch.read() is grpc.aio.EOF and await watch.code() == grpc.StatusCode.OK
+            await asyncio.wait_for(draining, timeout=60)  # far within the 120 s grace: nothing else was running
+
+
+async def test_watch_streams_are_capped_per_peer(tiny_llama):
+    overrides = {"host": "localhost", "max_watch_per_peer": 3}  # localhost: 127.0.0.1 and ::1, two peers
+    request = health_pb2.HealthCheckRequest()
+    async with running_server(tiny_llama, server_overrides=overrides) as server:
+        async with (grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as v4,
+                    grpc.aio.insecure_channel(f"[::1]:{server.port}") as v6):
+            held = [health_pb2_grpc.HealthStub(v4).Watch(request) for _ in range(3)]
+            for watch in held:
+                await watch.read()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await health_pb2_grpc.HealthStub(v4).Watch(request).read()
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "per peer" in info.value.details()
+            other = health_pb2_grpc.HealthStub(v6).Watch(request)
+            assert (await other.read()).status == health_pb2.HealthCheckResponse.SERVING  # another peer is served
+            for watch in (*held, other):
+                watch.cancel()
+            while server.health.watchers:
+                await asyncio.sleep(0.01)
+            again = health_pb2_grpc.HealthStub(v4).Watch(request)
+            assert (await again.read()).status == health_pb2.HealthCheckResponse.SERVING
+            again.cancel()
