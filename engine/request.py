@@ -76,8 +76,8 @@ class SamplingParams:
         _check(_finite(self.top_p) and 0.0 < self.top_p <= 1.0, "sampling.top_p", f"must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= 0, "sampling.top_k", f"must be >= 0 (0 = off), got {self.top_k}")
         _check(_finite(self.min_p) and 0.0 <= self.min_p <= 1.0, "sampling.min_p", f"must be in [0, 1], got {self.min_p}")
-        low, high = REPETITION_PENALTY_RANGE
-        _check(_finite(self.repetition_penalty) and low <= self.repetition_penalty <= high,
+        low, high = REPETITION_PENALTY_RANGE  # endpoints as a float32 field carries them (0.01 rounds down)
+        _check(_finite(self.repetition_penalty) and low * (1 - 2**-23) <= self.repetition_penalty <= high,
                "sampling.repetition_penalty", f"must be in [{low:g}, {high:g}] (1 = off), got {self.repetition_penalty}")
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)

@@ -9,6 +9,8 @@ import time
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from engine.faults import FaultPlan
 from server.pb.certkv.v1 import inference_pb2 as pb
@@ -207,3 +209,29 @@ async def test_a_tokenize_answer_over_the_message_limit_is_invalid_argument(tiny
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith("input") and "--max-message-bytes" in info.value.details()
     assert small.token_ids and not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def valid_request():
+    """Any GenerateRequest whose sampling and stopping fields are individually valid (the documented ranges)."""
+    sampling = st.builds(
+        pb.SamplingParams, temperature=st.floats(0.0, 2.0, width=32),
+        top_p=st.floats(0.0, 1.0, width=32, exclude_min=True), top_k=st.integers(0, 2**31 - 1),
+        min_p=st.floats(0.0, 1.0, width=32), repetition_penalty=st.floats(0.009999999776482582, 100.0, width=32),
+        frequency_penalty=st.floats(-2.0, 2.0, width=32), presence_penalty=st.floats(-2.0, 2.0, width=32),
+        seed=st.integers(0, 2**63 - 1))
+    stopping = st.integers(1, 6).flatmap(lambda n: st.builds(
+        pb.StoppingCriteria, max_new_tokens=st.just(n), min_new_tokens=st.integers(0, n),
+        stop=st.lists(st.text(min_size=1, max_size=6), max_size=16), ignore_eos=st.booleans(),
+        stop_token_ids=st.lists(st.integers(0, 49151), max_size=16)))
+    return st.builds(pb.GenerateRequest, prompt_token_ids=st.builds(pb.TokenIds, ids=st.lists(
+        st.integers(0, 49151), min_size=1, max_size=20)), sampling=sampling, stopping=stopping,
+        logprobs=st.booleans(), top_logprobs=st.integers(0, 20))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(requests=st.lists(valid_request(), min_size=1, max_size=5))
+async def test_valid_parameters_in_a_batch_never_fail_a_bystander(server, tiny_llama, requests):
+    async with channel_to(server) as (stub, _):
+        results = await asyncio.gather(outcome(stub, greedy(PROMPT, 6)), *(outcome(stub, r) for r in requests))
+    assert results[0] == (grpc.StatusCode.OK, "", hf_greedy(tiny_llama, PROMPT, 6))
+    assert all(code == grpc.StatusCode.OK for code, _, _ in results), results  # none of them fails either

@@ -154,7 +154,8 @@ def test_repetition_penalty_has_a_finite_range():
     for value in (1e-40, 1e-33, 0.009, 101.0, float("inf")):
         with pytest.raises(InvalidRequest, match="sampling.repetition_penalty"):
             SamplingParams(repetition_penalty=value)
-    assert SamplingParams(repetition_penalty=0.01).has_penalties and SamplingParams(repetition_penalty=100.0)
+    for value in (0.01, 0.009999999776482582, 100.0):  # the second: 0.01 as a float32 field carries it
+        assert SamplingParams(repetition_penalty=value).has_penalties
 
 
 def sampling_params():
