@@ -1,5 +1,7 @@
-"""Soak: N concurrent clients for a fixed time against a real server process, with random cancels, deadlines and bad
-input. Every request must end with exactly one outcome, and afterwards the server must hold nothing: no running or
+"""Soak: N concurrent clients for a fixed time against a real server process, with random cancels, deadlines, bad
+input and hostile input (stop ids outside the vocabulary, penalties that would overflow the logits, prompts far
+past the context: each must be INVALID_ARGUMENT and cost its neighbours nothing). Every request must end with
+exactly one outcome, no request may end INTERNAL, and afterwards the server must hold nothing: no running or
 waiting request, no KV block, no tier-1/tier-2/scratch byte (read from its Prometheus endpoint). Prints JSON.
 
     python loadtest/soak.py --clients 32 --seconds 120
@@ -27,7 +29,19 @@ from bench_throughput import _free_port, _wait_serving  # noqa: E402
 from server.pb.certkv.v1 import inference_pb2 as pb  # noqa: E402
 from server.pb.certkv.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 
-KINDS = ["ok", "ok", "ok", "cancel", "deadline", "bad"]
+KINDS = ["ok", "ok", "ok", "cancel", "deadline", "bad", "hostile"]
+
+
+def hostile(request: pb.GenerateRequest, rng: random.Random) -> None:
+    """Valid-looking requests that used to fail every stream of their engine step, or to tie up the tokenizer."""
+    choice = rng.randrange(3)
+    if choice == 0:
+        request.stopping.stop_token_ids.append(10**6)
+        request.stopping.min_new_tokens = 1
+    elif choice == 1:
+        request.sampling.temperature, request.sampling.repetition_penalty = 0.8, 1e-40
+    else:
+        request.prompt = "Tell me about the sea. " * 40_000  # ~920K characters: far past any context here
 
 
 async def client(stub, rng: random.Random, until: float, ledger: Counter, outcomes: list) -> None:
@@ -37,6 +51,8 @@ async def client(stub, rng: random.Random, until: float, ledger: Counter, outcom
                                      stopping=pb.StoppingCriteria(max_new_tokens=rng.randint(1, 48)))
         if kind == "bad":
             request.sampling.temperature = -1.0
+        elif kind == "hostile":
+            hostile(request, rng)
         seen = []
         try:
             call = stub.Generate(request, timeout=0.2 if kind == "deadline" else 120)
@@ -94,7 +110,8 @@ def main() -> None:
               "held_after": held, "leaked": any(held.values()),
               "server_exit_code": server.returncode}
     print(json.dumps(result, indent=2))
-    sys.exit(1 if result["requests_without_exactly_one_outcome"] or result["leaked"] else 0)
+    failed = result["requests_without_exactly_one_outcome"] or result["leaked"] or ledger["INTERNAL"]
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
