@@ -38,6 +38,10 @@ class SlowClient(Exception):
     """The client read nothing for slow_client_timeout_s while its stream had output waiting."""
 
 
+class ClientGone(Exception):
+    """A write failed because the call is already over (the client cancelled, its deadline passed, it vanished)."""
+
+
 class InferenceService(pb_grpc.InferenceServicer):
     def __init__(self, config: ServerConfig, telemetry: Telemetry):
         self.config = config
@@ -75,6 +79,8 @@ class InferenceService(pb_grpc.InferenceServicer):
                     self.telemetry.escalations(span, output.escalations)
                     last, ended = now, output.finished
                     await self._write(context, convert.response(output, client_id))
+        except ClientGone:
+            pass  # counted below as the client's cancel or deadline, like a cancellation of this task
         except SlowClient as exc:
             ended = True
             metrics.aborts.labels(metrics.model_name, "slow_client").inc()
@@ -99,13 +105,15 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     async def _write(self, context: grpc.aio.ServicerContext, message: pb.GenerateResponse) -> None:
         """Sends one message. A write that HTTP/2 flow control holds for slow_client_timeout_s means the client has
-        read nothing for that long: SlowClient."""
+        read nothing for that long: SlowClient. A write that fails means the call is over: ClientGone."""
         timeout = self.config.slow_client_timeout_s
         try:
             await asyncio.wait_for(context.write(message), timeout)
         except TimeoutError:
             raise SlowClient(f"the client read nothing for {timeout:g} s (--slow-client-timeout); the stream was "
                              "ended to free its resources") from None
+        except Exception as exc:  # grpc's ExecuteBatchError: the call ended before our cancellation arrived
+            raise ClientGone(str(exc)) from None
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         try:
