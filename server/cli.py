@@ -114,6 +114,8 @@ def _admission(p: argparse.ArgumentParser) -> None:
                         help="threads that tokenize and render chat templates (never the event loop)")
     limits.add_argument("--tokenizer-queue", type=int, default=32,
                         help="tokenizer jobs waiting or running; beyond: RESOURCE_EXHAUSTED")
+    limits.add_argument("--tokenizer-queue-per-peer", type=int, default=8,
+                        help="of those, one peer address's (jobs are served fairly across peers)")
     limits.add_argument("--max-watch-per-peer", type=int, default=8,
                         help="open health Watch streams per peer address; beyond: RESOURCE_EXHAUSTED")
     limits.add_argument("--drain-delay", type=float, default=1.0, help="seconds NOT_SERVING before stopping")
@@ -146,7 +148,8 @@ def configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig, Telem
         drain_delay_s=args.drain_delay, drain_grace_s=args.drain_grace, warmup=not args.no_warmup,
         max_connection_age_s=args.max_connection_age, security=security, health_port=args.health_port,
         slow_client_timeout_s=args.slow_client_timeout, tokenizer_threads=args.tokenizer_threads,
-        tokenizer_queue=args.tokenizer_queue, max_chat_messages=args.max_chat_messages,
+        tokenizer_queue=args.tokenizer_queue, tokenizer_queue_per_peer=args.tokenizer_queue_per_peer,
+        max_chat_messages=args.max_chat_messages,
         max_watch_per_peer=args.max_watch_per_peer)
     engine = EngineConfig(
         model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,

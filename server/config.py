@@ -24,6 +24,7 @@ class ServerConfig:
     slow_client_timeout_s: float = 60.0  # a stream whose client reads nothing this long ends (RESOURCE_EXHAUSTED)
     tokenizer_threads: int = 2  # tokenization and chat templating run on these threads, never on the event loop
     tokenizer_queue: int = 32  # tokenizer jobs waiting or running; beyond: RESOURCE_EXHAUSTED
+    tokenizer_queue_per_peer: int = 8  # of those, one peer address's; beyond: RESOURCE_EXHAUSTED
     max_chat_messages: int = 256  # messages of one chat input, checked before templating
     max_watch_per_peer: int = 8  # open health Watch streams per peer address; beyond: RESOURCE_EXHAUSTED
 
@@ -33,7 +34,7 @@ class ServerConfig:
             if value is not None and not 0 <= value < 65536:
                 raise ValueError(f"ServerConfig.{name}: must be in [0, 65535]")
         for name in ("max_pending_requests", "max_prompt_chars", "max_message_bytes", "tokenizer_threads",
-                     "tokenizer_queue", "max_chat_messages", "max_watch_per_peer"):
+                     "tokenizer_queue", "tokenizer_queue_per_peer", "max_chat_messages", "max_watch_per_peer"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ServerConfig.{name}: must be positive")
         if self.drain_delay_s < 0 or self.drain_grace_s < 0:

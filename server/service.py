@@ -3,7 +3,8 @@
 Every check (fields, sizes, lengths, chat rendering) runs before the request reaches the engine, so a bad request
 costs no KV block. A text that cannot fit the context (or whose Tokenize answer cannot fit a message) is refused
 before any tokenizer work, by a lower bound on its token count from its bytes (server/tokenizing.py); tokenization
-and chat templating run on a bounded pool of tokenizer threads, never on the event loop. A stream whose client
+and chat templating run on a bounded pool of tokenizer threads, never on the event loop, queued per peer address
+so that one client's backlog never stands in front of another's request. A stream whose client
 reads nothing for `slow_client_timeout_s` ends with RESOURCE_EXHAUSTED and its request is aborted. Engine errors
 become gRPC statuses through convert.status_for; malformed request bytes are answered by security.LenientParsing.
 """
@@ -26,6 +27,7 @@ from server.async_engine import AsyncEngine
 from server.config import ServerConfig
 from server.pb.certkv.v1 import inference_pb2 as pb
 from server.pb.certkv.v1 import inference_pb2_grpc as pb_grpc
+from server.security import peer_address
 from server.telemetry import Telemetry
 from server.tokenizing import TokenCountBound, TokenizerPool
 
@@ -55,7 +57,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         """Builds the token-count bound and the tokenizer pool (a second or so: call it off the event loop)."""
         self.tokenizer = tokenizer
         self.bound = TokenCountBound(tokenizer)
-        self.pool = TokenizerPool(tokenizer, self.config.tokenizer_threads, self.config.tokenizer_queue)
+        self.pool = TokenizerPool(tokenizer, self.config.tokenizer_threads, self.config.tokenizer_queue,
+                                  self.config.tokenizer_queue_per_peer)
         self.engine = engine
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
@@ -68,7 +71,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         try:
             engine = self._ready()
             client_id = convert.request_id(request) or uuid.uuid4().hex
-            prepared = await self._prepare(request, engine, client_id)
+            prepared = await self._prepare(request, engine, client_id, peer_address(context.peer()))
             span.set_attributes({"request_id": client_id, "kv.mode": prepared.kv.mode.value,
                                  "prompt_tokens": prepared.num_prompt_tokens})
             async with aclosing(engine.generate(prepared)) as outputs:
@@ -118,17 +121,17 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         try:
             self._ready()
-            limit = self.config.max_message_bytes
+            limit, peer = self.config.max_message_bytes, peer_address(context.peer())
             why = f"its answer would exceed the message limit of {limit} bytes (--max-message-bytes)"
             most = limit // MIN_ANSWER_BYTES_PER_TOKEN
             which = request.WhichOneof("input")
             if which == "messages":
-                ids = await self._render_chat(request.messages, most, why)
+                ids = await self._render_chat(request.messages, most, why, peer)
             elif which == "text":
-                ids = await self._encode(request.text, "text", request.add_special_tokens, most, why)
+                ids = await self._encode(request.text, "text", request.add_special_tokens, most, why, peer)
             else:
                 raise InvalidRequest("input", "one of text or messages is required")
-            answer = await self.pool.run(_tokenize_answer, ids)
+            answer = await self.pool.run(_tokenize_answer, ids, client=peer)
             if (size := answer.ByteSize()) > limit:
                 raise InvalidRequest("input", f"the answer would be {size} bytes, over the message limit of {limit} "
                                               "bytes (--max-message-bytes)")
@@ -156,7 +159,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             raise EngineUnavailable("the model is still loading")
         return self.engine
 
-    async def _prepare(self, message: pb.GenerateRequest, engine: AsyncEngine, client_id: str) -> Request:
+    async def _prepare(self, message: pb.GenerateRequest, engine: AsyncEngine, client_id: str, peer: str) -> Request:
         """The engine request, every field checked; prompt work only once nothing else can refuse it."""
         llm = engine.engine
         sampling = convert.sampling_params(message)
@@ -169,14 +172,15 @@ class InferenceService(pb_grpc.InferenceServicer):
                                                                 f"context of {context_len} tokens")
         room = context_len - (max_new or 1)
         why = f"at most {room} fit the context of {context_len} tokens with max_new_tokens {max_new or 1}"
-        prompt_ids = await self._prompt_ids(message, context_len, room, why)
+        prompt_ids = await self._prompt_ids(message, context_len, (room, why, peer))
         stopping = convert.stopping_params(message, llm.default_max_new_tokens(len(prompt_ids)))
         return llm.new_request(uuid.uuid4().hex, prompt_ids, sampling, stopping, kv, client_id=client_id)
 
-    async def _prompt_ids(self, message: pb.GenerateRequest, context_len: int, room: int, why: str) -> list[int]:
+    async def _prompt_ids(self, message: pb.GenerateRequest, context_len: int, limits: tuple) -> list[int]:
+        """`limits`: (the most prompt tokens that fit, why, the caller's peer) for the tokenizer's work."""
         which = message.WhichOneof("input")
         if which == "prompt":
-            return await self._encode(message.prompt, "input.prompt", True, room, why)
+            return await self._encode(message.prompt, "input.prompt", True, *limits)
         if which == "prompt_token_ids":
             ids = message.prompt_token_ids.ids
             if len(ids) >= context_len:  # before copying a field that may hold millions of ids
@@ -184,23 +188,24 @@ class InferenceService(pb_grpc.InferenceServicer):
                                               "(prompt + at least one new token)")
             return list(ids)
         if which == "messages":
-            return await self._render_chat(message.messages, room, why)
+            return await self._render_chat(message.messages, *limits)
         raise InvalidRequest("input", "one of prompt, prompt_token_ids or messages is required")
 
-    async def _encode(self, text: str, field: str, add_special_tokens: bool, most: int, why: str) -> list[int]:
+    async def _encode(self, text: str, field: str, add_special_tokens: bool, most: int, why: str,
+                      peer: str) -> list[int]:
         if not text:
             raise InvalidRequest(field, "is empty")
         if len(text) > self.config.max_prompt_chars:
             raise InvalidRequest(field, f"longer than {self.config.max_prompt_chars} characters (--max-prompt-chars)")
         if self.bound.cheap:
             self._check_bound(text, field, most, why)
-        return await self.pool.run(self._encode_job, text, field, add_special_tokens, most, why)
+        return await self.pool.run(self._encode_job, text, field, add_special_tokens, most, why, client=peer)
 
-    async def _render_chat(self, messages: pb.ChatMessages, most: int, why: str) -> list[int]:
+    async def _render_chat(self, messages: pb.ChatMessages, most: int, why: str, peer: str) -> list[int]:
         chat = convert.chat_messages(messages, self.config.max_chat_messages, self.config.max_prompt_chars)
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest("input.messages", "the model has no chat template; send a prompt instead")
-        return await self.pool.run(self._chat_job, chat, most, why)
+        return await self.pool.run(self._chat_job, chat, most, why, client=peer)
 
     # ---- on a tokenizer thread ----------------------------------------------------------------------------------
     def _encode_job(self, tokenizer, text: str, field: str, add_special_tokens: bool, most: int, why: str):

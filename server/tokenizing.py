@@ -1,6 +1,7 @@
 """Tokenizer work for the front end, bounded: a sound lower bound on a text's token count, so that a prompt that
 cannot fit the context is refused before any tokenizer work, and a pool of tokenizer threads with its own queue limit,
-so that tokenization and chat templating never run on the event loop and never pile up without bound.
+so that tokenization and chat templating never run on the event loop, never pile up without bound, and one client's backlog
+never stands in front of another client's job.
 
 The bound. A tokenizer of the BPE family covers the (normalized) text with tokens, each spanning at most the bytes
 of its own vocabulary entry. Sort bytes into classes (whitespace, ASCII letters and digits, other ASCII, bytes of
@@ -21,17 +22,13 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import logging
 import math
-import queue
 import threading
+from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 from engine.errors import CapacityExceeded
-
-log = logging.getLogger(__name__)
 
 _WHITESPACE = b" \t\n\r\x0b\x0c"
 _ALNUM = bytes(b for b in range(128) if chr(b).isalnum())
@@ -126,35 +123,84 @@ def _span_bytes(entry: str, byte_level: bool) -> bytes:
 
 
 class TokenizerPool:
-    """`threads` tokenizer threads, each with its own copy of the tokenizer (a fast tokenizer must not be used by two
-    threads at once), and at most `queue_limit` jobs waiting or running: beyond it, run() raises CapacityExceeded
-    (RESOURCE_EXHAUSTED with a retry hint). A job whose caller goes away before it starts is dropped."""
+    """`threads` tokenizer threads, each owning a copy of the tokenizer (a fast tokenizer must not be used by two
+    threads at once). Jobs wait per client (the caller's peer address) and a free thread takes the job of the waiting
+    client that started a job least recently, so a newcomer goes ahead of another client's backlog. At most
+    `queue_limit` jobs wait or run in all, and `per_client` for one client: beyond either, run() raises
+    CapacityExceeded (RESOURCE_EXHAUSTED with a retry hint). A job whose caller goes away before it starts is dropped."""
 
-    def __init__(self, tokenizer, threads: int, queue_limit: int):
-        self.queue_limit = queue_limit
-        self.jobs = 0  # waiting or running (event-loop side)
-        self._copies: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(threads):
-            self._copies.put(copy.deepcopy(tokenizer))
-        self._local = threading.local()
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="certkv-tokenize")
+    def __init__(self, tokenizer, threads: int, queue_limit: int, per_client: int | None = None):
+        self.queue_limit, self.per_client = queue_limit, per_client or queue_limit
+        self.jobs: Counter[str] = Counter()  # waiting or running, per client (event-loop side)
+        self._waiting: dict[str, deque] = {}  # client -> its jobs not yet started
+        self._last_start: dict[str, int] = {}  # client -> when (in jobs started) it last started one
+        self._started = 0
+        self._wake = threading.Condition()
+        self._closed = False
+        for i in range(threads):
+            threading.Thread(target=self._work, args=(copy.deepcopy(tokenizer),), name=f"certkv-tokenize-{i}",
+                             daemon=True).start()
 
-    async def run(self, job: Callable, *args):
-        """job(tokenizer, *args) on a tokenizer thread."""
-        if self.jobs >= self.queue_limit:
-            raise CapacityExceeded(f"the tokenizer queue is full ({self.jobs} jobs; limit {self.queue_limit}, "
+    async def run(self, job: Callable, *args, client: str = ""):
+        """job(tokenizer, *args) on a tokenizer thread, queued as `client`'s."""
+        if (total := sum(self.jobs.values())) >= self.queue_limit:
+            raise CapacityExceeded(f"the tokenizer queue is full ({total} jobs; limit {self.queue_limit}, "
                                    "--tokenizer-queue)")
-        self.jobs += 1
+        if self.jobs[client] >= self.per_client:
+            raise CapacityExceeded(f"this client has {self.jobs[client]} tokenizer jobs waiting or running (limit "
+                                   f"{self.per_client}, --tokenizer-queue-per-peer)")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.jobs[client] += 1
+        with self._wake:
+            self._waiting.setdefault(client, deque()).append((future, job, args, loop))
+            self._wake.notify()
         try:
-            return await asyncio.wrap_future(self._executor.submit(self._call, job, args))
+            return await future
         finally:
-            self.jobs -= 1
+            self.jobs[client] -= 1
+            if not self.jobs[client]:
+                del self.jobs[client]
 
-    def _call(self, job: Callable, args: tuple):
-        tokenizer = getattr(self._local, "tokenizer", None)
-        if tokenizer is None:
-            tokenizer = self._local.tokenizer = self._copies.get_nowait()
-        return job(tokenizer, *args)
+    def _work(self, tokenizer) -> None:
+        while (item := self._next()) is not None:
+            future, job, args, loop = item
+            if future.cancelled():  # its caller went away while it waited
+                continue
+            try:
+                outcome = (job(tokenizer, *args), None)
+            except Exception as exc:
+                outcome = (None, exc)
+            try:
+                loop.call_soon_threadsafe(_settle, future, *outcome)
+            except RuntimeError:  # the event loop is closed: nobody waits for the answer
+                pass
+
+    def _next(self):
+        with self._wake:
+            while not self._waiting and not self._closed:
+                self._wake.wait()
+            if self._closed:
+                return None
+            client = min(self._waiting, key=lambda c: self._last_start.get(c, -1))
+            jobs = self._waiting[client]
+            item = jobs.popleft()
+            if not jobs:
+                del self._waiting[client]
+            self._started += 1
+            self._last_start[client] = self._started
+            if len(self._last_start) > 4 * self.queue_limit:  # forget the clients that started longest ago
+                recent = sorted(self._last_start.items(), key=lambda kv: kv[1])[-self.queue_limit:]
+                self._last_start = dict(recent)
+            return item
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._wake:
+            self._closed = True
+            self._waiting.clear()
+            self._wake.notify_all()
+
+
+def _settle(future: asyncio.Future, result, error: Exception | None) -> None:
+    if not future.cancelled():
+        future.set_exception(error) if error is not None else future.set_result(result)

@@ -197,6 +197,30 @@ async def test_the_tokenizer_queue_is_bounded(tiny_llama):
         await wait_quiescent(server)
 
 
+async def test_one_peer_cannot_take_the_tokenizer_from_another(tiny_llama):
+    """A peer with --tokenizer-queue-per-peer jobs waiting or running is refused more; another peer's request is
+    queued and served (before that peer's backlog)."""
+    overrides = {"host": "localhost", "tokenizer_threads": 1, "tokenizer_queue": 8, "tokenizer_queue_per_peer": 2}
+    async with running_server(tiny_llama, server_overrides=overrides) as server:
+        release = threading.Event()
+        pool = server.service.pool
+        held = [asyncio.ensure_future(pool.run(lambda tok: release.wait(), client="ipv4:127.0.0.1")) for _ in range(2)]
+        hello = pb.GenerateRequest(prompt="Hello", stopping=pb.StoppingCriteria(max_new_tokens=2))
+        try:
+            async with (grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as v4,
+                        grpc.aio.insecure_channel(f"[::1]:{server.port}") as v6):
+                code, details, _ = await outcome(pb_grpc.InferenceStub(v4), hello)
+                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--tokenizer-queue-per-peer" in details
+                other = asyncio.ensure_future(outcome(pb_grpc.InferenceStub(v6), hello))
+                await until(lambda: sum(pool.jobs.values()) == 3)  # queued behind the held ones
+                release.set()
+                assert (await other)[0] == grpc.StatusCode.OK
+        finally:
+            release.set()
+            await asyncio.gather(*held)
+        await wait_quiescent(server)
+
+
 async def test_a_tokenize_answer_over_the_message_limit_is_invalid_argument(tiny_llama, caplog):
     """It used to fail while being sent, with a server traceback; now the cap is named and nothing is logged."""
     async with running_server(tiny_llama, server_overrides={"max_message_bytes": 1 << 16}) as server:

@@ -52,8 +52,50 @@ async def test_the_pool_refuses_jobs_beyond_its_queue(tokenizer):
             await pool.run(lambda tok: None)
         release.set()
         await asyncio.gather(*held)
-        assert pool.jobs == 0
+        assert not pool.jobs
         assert await pool.run(lambda tok, text: tok(text)["input_ids"], "hi") == tokenizer("hi")["input_ids"]
+    finally:
+        release.set()
+        pool.close()
+
+
+async def test_a_clients_backlog_never_stands_in_front_of_another_client(tokenizer):
+    """One thread, client A's first job running and three more waiting: client B's job, queued last, runs next."""
+    pool = TokenizerPool(tokenizer, threads=1, queue_limit=16, per_client=8)
+    started, release, order = threading.Event(), threading.Event(), []
+
+    def job(tok, name, block=False):
+        started.set()
+        if block:
+            release.wait()
+        order.append(name)
+
+    try:
+        first = asyncio.ensure_future(pool.run(job, "A1", True, client="A"))
+        await asyncio.to_thread(started.wait)
+        rest = [asyncio.ensure_future(pool.run(job, name, client=client))
+                for name, client in (("A2", "A"), ("A3", "A"), ("A4", "A"), ("B1", "B"))]
+        await asyncio.sleep(0)  # every job queued before the first one ends
+        release.set()
+        await asyncio.gather(first, *rest)
+    finally:
+        release.set()
+        pool.close()
+    assert order == ["A1", "B1", "A2", "A3", "A4"]
+
+
+async def test_one_client_cannot_take_the_whole_queue(tokenizer):
+    pool = TokenizerPool(tokenizer, threads=1, queue_limit=8, per_client=2)
+    release = threading.Event()
+    try:
+        held = [asyncio.ensure_future(pool.run(lambda tok: release.wait(), client="A")) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(CapacityExceeded, match="--tokenizer-queue-per-peer"):
+            await pool.run(lambda tok: None, client="A")
+        other = asyncio.ensure_future(pool.run(lambda tok: "served", client="B"))
+        release.set()
+        assert await other == "served"
+        await asyncio.gather(*held)
     finally:
         release.set()
         pool.close()
