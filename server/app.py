@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
+WATCHERS_GONE_S = 1.0  # the most a drain waits for health Watch streams to end before it stops the server
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -148,7 +149,8 @@ class CertkvServer:
         await self.health.enter_graceful_shutdown()
         if self.async_engine is not None:
             self.async_engine.accepting = False
-        await asyncio.sleep(self.config.drain_delay_s)
+        # Watch streams send NOT_SERVING and end before the server stops (a watcher that does not read gets 1 s).
+        await asyncio.gather(asyncio.sleep(self.config.drain_delay_s), self.health.watchers_gone(WATCHERS_GONE_S))
         await self.grpc.stop(self.config.drain_grace_s)
         if self._health_server is not None:
             await self._health_server.stop(None)

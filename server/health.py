@@ -2,7 +2,8 @@
 
 Watch streams are bounded: at most `max_watch_per_peer` are open per peer address (RESOURCE_EXHAUSTED beyond:
 Watch needs no token, so the peer is the only identity), and every Watch stream ends, after sending NOT_SERVING,
-when draining starts, so an idle watcher never holds a drain. After enter_graceful_shutdown() every service is
+when draining starts (the drain waits a moment for them before it stops the server), so an idle watcher never
+holds a drain. After enter_graceful_shutdown() every service is
 NOT_SERVING for good and set() is ignored (as in grpcio-health-checking). Writes never hold a lock, so a watcher that
 does not read cannot delay a status change.
 """
@@ -28,6 +29,8 @@ class HealthService(health_pb2_grpc.HealthServicer):
         self._changed = asyncio.Event()  # set and replaced on every change
         self._closing = False
         self._watchers: Counter[str] = Counter()
+        self._unwatched = asyncio.Event()  # set while no Watch stream is open
+        self._unwatched.set()
 
     @property
     def watchers(self) -> int:
@@ -44,6 +47,13 @@ class HealthService(health_pb2_grpc.HealthServicer):
             self._status[service] = NOT_SERVING
         self._closing = True
         self._notify()
+
+    async def watchers_gone(self, timeout: float) -> None:
+        """Waits (at most `timeout`) until every Watch stream has ended, e.g. after enter_graceful_shutdown()."""
+        try:
+            await asyncio.wait_for(self._unwatched.wait(), timeout)
+        except TimeoutError:
+            pass
 
     def _notify(self) -> None:
         self._changed.set()
@@ -66,12 +76,15 @@ class HealthService(health_pb2_grpc.HealthServicer):
                                 f"at most {self.max_watch_per_peer} health Watch streams per peer "
                                 "(--max-watch-per-peer)")
         self._watchers[peer] += 1
+        self._unwatched.clear()
         try:
             await self._watch(request.service, context)
         finally:
             self._watchers[peer] -= 1
             if not self._watchers[peer]:
                 del self._watchers[peer]
+            if not self._watchers:
+                self._unwatched.set()
 
     async def _watch(self, service: str, context) -> None:
         last = None

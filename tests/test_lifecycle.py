@@ -49,7 +49,7 @@ async def health(channel, timeout=1.0):
 async def test_sigterm_drains(tiny_llama, tmp_path):
     port = free_port()
     process = await spawn(tmp_path / "server.log", "--model", str(tiny_llama), "--port", str(port), "--metrics-port",
-                          "-1", "--kv-mode", "dense", "--drain-delay", "1.5", "--drain-grace", "20", "--num-kv-blocks",
+                          "-1", "--kv-mode", "dense", "--drain-delay", "1.5", "--drain-grace", "60", "--num-kv-blocks",
                           "64")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -73,7 +73,7 @@ async def test_sigterm_drains(tiny_llama, tmp_path):
             while (message := await in_flight.read()) is not grpc.aio.EOF:
                 tokens += message.token_ids
             assert len(tokens) == 400  # finished within the grace period
-        assert await asyncio.wait_for(process.wait(), timeout=60) == 0
+        assert await asyncio.wait_for(process.wait(), timeout=120) == 0
         log = (tmp_path / "server.log").read_text()
         for line in ("received SIGTERM: draining", "draining: NOT_SERVING", "drained in"):
             assert line in log, line
