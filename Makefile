@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+KERNELS := $(VENV)/.kernels-compiled
 MODEL := .models/SmolLM2-135M-Instruct/config.json
 STUBS := server/pb/certkv/v1/inference_pb2.py
 HOST ?= 127.0.0.1
@@ -13,12 +14,17 @@ PYTEST_ARGS ?=
 
 .PHONY: setup model proto serve test bench loadtest clean corpus evaluate
 
-setup: $(INSTALLED) $(STUBS)
+setup: $(INSTALLED) $(STUBS) $(KERNELS)
 
 $(INSTALLED): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+# Compiles the CPU kernels once for this machine (numba's cache lives in ~/.cache/certkv), so that no test pays for it.
+$(KERNELS): kernels/cpu.py $(INSTALLED)
+	$(BIN)/python -m kernels
 	touch $@
 
 $(STUBS): proto/certkv/v1/inference.proto $(INSTALLED)

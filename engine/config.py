@@ -51,7 +51,8 @@ class EngineConfig:
     headq_basis: str | None = None  # its basis file; None: headq.safetensors in the model's directory
     scratch_blocks: int = 512  # per layer: promoted exact (block, KV head) pieces kept on the device, keys and values each
     shadow_memory: int = 2 << 30  # bytes of tier-2 shadows (host); with kv_cache_memory it caps the number of blocks
-    prefetch: bool = True  # tier-2 fetches likely at the next step start early (copy stream / worker thread)
+    prefetch: bool | None = None  # tier-2 fetches likely at the next step start early (copy stream / worker
+    # thread); None: on with CUDA, off on a CPU (where a fetch is a memcpy and nothing overlaps it)
     prefetch_blocks: int = 512  # per layer: prefetched pieces held on the device until used (oldest dropped past it)
 
     def __post_init__(self) -> None:

@@ -20,6 +20,7 @@ from engine.kv.tiers import TieredKVCache
 from engine.request import Request
 from engine.scheduler import SchedulerOutput
 from engine.weights import resolve_model
+from kernels import cpu
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ class ModelRunner:
         self.spec = self._build_spec(config, str(path))
         self.probe_attention()
         self.cache = self._build_cache(config)
+        if config.tiered and self.device.type == "cpu" and cpu.available():
+            seconds, compiled = cpu.warm_up()
+            log.info("CPU kernels %s in %.1f s", "compiled (once per machine)" if compiled else "loaded", seconds)
         log.info("loaded %s (%s, %s on %s): %d KV blocks of %d tokens", path, self.spec.architecture, self.dtype,
                  self.device, self.spec.num_kv_blocks, config.block_size)
 
@@ -125,7 +129,8 @@ class ModelRunner:
             raise ValueError(f"model: head_dim {spec.head_dim} is not a multiple of 16 (value groups)")
         return TieredKVCache(spec.num_layers, spec.num_kv_blocks, config.block_size, spec.num_kv_heads, spec.head_dim,
                              self.dtype, self.device, self._quantizer(config, self._headq_basis(config)),
-                             config.max_num_seqs, config.scratch_blocks, config.prefetch, self.faults,
+                             config.max_num_seqs, config.scratch_blocks,
+                             self.device.type == "cuda" if config.prefetch is None else config.prefetch, self.faults,
                              prefetch_blocks=config.prefetch_blocks)
 
     @staticmethod

@@ -1,15 +1,16 @@
-"""Kernel dispatch: Triton kernels (kernels/<op>.py) for CUDA tensors, their PyTorch twins (kernels/reference.py)
-elsewhere, or when Triton is not installed.
+"""Kernel dispatch, one predicate per op: Triton kernels (kernels/<op>.py) for CUDA tensors, the compiled CPU path
+(kernels/cpu.py, numba) for CPU tensors it supports, their PyTorch twins (kernels/reference.py) elsewhere, or when
+Triton or numba is not installed. The twins are the definition; tests compare every path with them.
 
 Dense paged attention, and prefill over the tiered cache (exact attention over the chunk's shadows and tails),
-have no Triton kernel: their twins gather the blocks and call SDPA, which is already a fused kernel on CUDA.
+have no kernel of their own: their twins gather the blocks and call SDPA, which is already a fused kernel.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels import reference
+from kernels import cpu, reference
 from kernels.reference import decode_attention, finish_decode, paged_attention, prefill_attention
 
 try:
@@ -24,10 +25,17 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and _decode is not None
 
 
+def decode_path(q: torch.Tensor, quantizer) -> str:
+    """Which certified decode runs for this query: "triton", "cpu" (compiled) or "twin"."""
+    if use_triton(q) and quantizer.triton:
+        return "triton"
+    return "cpu" if cpu.runs(q, quantizer) else "twin"
+
+
 def kernel_decodes(q: torch.Tensor, quantizer) -> bool:
-    """Whether certified decode runs the Triton kernel here (else the twin). The kernel bounds each block's spread
-    by the triangle form only: it cannot give O . P_b in its one pass (certificate.block_spread)."""
-    return use_triton(q) and quantizer.triton
+    """Whether certified decode runs the Triton kernel here. The kernel bounds each block's spread by the triangle
+    form only: it cannot give O . P_b in its one pass (certificate.block_spread)."""
+    return decode_path(q, quantizer) == "triton"
 
 
 def decode_accumulators(q, layer, view, scale: float, quantizer) -> reference.DecodeAccumulators:
@@ -37,8 +45,12 @@ def decode_accumulators(q, layer, view, scale: float, quantizer) -> reference.De
     return reference.decode_accumulators(q, layer, view, scale, quantizer)
 
 
-def certified_decode(q, layer, view, scale: float, quantizer) -> reference.DecodeResult:
-    """Certified paged decode attention: one pass over tier 1, then the certificate's terms."""
+def certified_decode(q, layer, view, scale: float, quantizer, radius=None, tolerance=None) -> reference.DecodeResult:
+    """Certified paged decode attention: one pass over tier 1, then the certificate's terms. Given the layer's
+    radius [S, Hkv] and the rows' tolerances [Bd], the compiled CPU path also returns the bound and the limit
+    (DecodeResult.bound, .limit) and the largest block masses for the scratch (DecodeResult.mass)."""
+    if radius is not None and decode_path(q, quantizer) == "cpu":
+        return cpu.certified_decode(q, layer, view, scale, quantizer, radius, tolerance)
     return finish_decode(decode_accumulators(q, layer, view, scale, quantizer), q, layer, view, scale, quantizer)
 
 
@@ -52,5 +64,10 @@ def scatter_blocks(dst, slots, src) -> None:
     (_scatter.scatter_blocks if use_triton(dst) else reference.scatter_blocks)(dst, slots, src)
 
 
-__all__ = ["certified_decode", "decode_accumulators", "decode_attention", "paged_attention", "prefill_attention",
-           "quantize_blocks", "scatter_blocks"]
+def touch_scratch(score_k, score_v, slots, tables, num_full, mass, decay: float) -> None:
+    (cpu.touch_scratch if cpu.available() and score_k.device.type == "cpu" else reference.touch_scratch)(
+        score_k, score_v, slots, tables, num_full, mass, decay)
+
+
+__all__ = ["certified_decode", "decode_accumulators", "decode_attention", "decode_path", "paged_attention",
+           "prefill_attention", "quantize_blocks", "scatter_blocks", "touch_scratch"]

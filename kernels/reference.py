@@ -261,6 +261,13 @@ class DecodeResult:
     value_scale: torch.Tensor  # [Bd, Hkv, 1]: max_j n_j
     broken: torch.Tensor  # [Bd, Hkv] bool: some annotation of a quantized block is not finite (rung 4)
     length: int  # tokens attended per row, padding included (for gamma_L)
+    bound: torch.Tensor | None = None  # [Bd, Hkv, G]: the bound and limit, when the kernel checked them itself
+    limit: torch.Tensor | None = None  # (the compiled CPU path; else escalation.check computes them)
+    mass: torch.Tensor | None = None  # [Bd, nb, Hkv]: each block's largest mass over the group (else from rho)
+
+    def block_mass(self) -> torch.Tensor:
+        """[Bd, nb, Hkv]: each full block's mass, the largest over the group's query heads (the scratch's score)."""
+        return self.mass if self.mass is not None else self.rho[..., :-1].amax(dim=2).transpose(1, 2)
 
 
 @ieee_float32()
@@ -407,6 +414,21 @@ def _key_terms(quantizer, grouped, key_dots, block_notes, key_meta, in_tail, pro
     tail_norm = (tail_k.float().norm(dim=-1).transpose(1, 2) * partial).amax(dim=-1)  # [Bd, Hkv]
     largest = torch.maximum(magnitude.amax(dim=-1) if nb else q_norm * 0, q_norm * tail_norm[..., None])
     return block_delta, gamma(grouped.shape[-1] + 2) * scale * largest
+
+
+def touch_scratch(score_k, score_v, slots, tables, num_full, mass, decay: float) -> None:
+    """One decode step of attention for a layer's scratch: decay every score [C], raise the held pieces of the
+    attended blocks (tables [Bd, nb], the first num_full of each row; slots [NB, Hkv, 2]) to their block's mass
+    [Bd, nb, Hkv] (max over the group's query heads)."""
+    held = take(slots, tables)  # [Bd, nb, Hkv, 2]
+    full = torch.arange(tables.shape[1], device=tables.device)[None, :] < num_full[:, None]
+    for index, score in enumerate((score_k, score_v)):
+        score.mul_(decay)
+        slot = held[..., index]
+        # entries without a held piece raise slot 0 to -inf, which changes nothing (no boolean indexing: a device
+        # sync on CUDA)
+        masked = torch.where((slot >= 0) & full[..., None], mass, -torch.inf)
+        score.scatter_reduce_(0, slot.clamp(min=0).long().flatten(), masked.flatten(), reduce="amax")
 
 
 def _promoted(dequantized, scratch, slots):

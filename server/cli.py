@@ -85,7 +85,10 @@ def _kv(p: argparse.ArgumentParser) -> None:
                     help="promoted exact (block, KV head) pieces kept on the device per layer, keys and values each")
     kv.add_argument("--shadow-memory", type=parse_bytes, default="2GiB",
                     help="host bytes for tier-2 shadows; with --kv-cache-memory it caps the number of blocks")
-    kv.add_argument("--no-prefetch", action="store_true", help="fetch tier-2 blocks only when an escalation needs them")
+    kv.add_argument("--prefetch", choices=("auto", "on", "off"), default="auto",
+                    help="start tier-2 fetches the next step will likely need (auto: on with CUDA, off on a CPU, where "
+                         "a fetch is a memcpy nothing overlaps)")
+    kv.add_argument("--no-prefetch", dest="prefetch", action="store_const", const="off", help="--prefetch off")
     kv.add_argument("--prefetch-blocks", type=int, default=512,
                     help="per layer: prefetched (block, KV head) pieces held on the device until used")
 
@@ -158,7 +161,7 @@ def configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig, Telem
         max_new_tokens_default=args.max_new_tokens_default, threads=args.threads, kv_mode=args.kv_mode,
         tolerance=args.tolerance, k_bits=args.k_bits, v_bits=args.v_bits, quantizer=args.quantizer,
         headq_rank=args.headq_rank, headq_bits=args.headq_bits, headq_basis=args.headq_basis,
-        scratch_blocks=args.scratch_blocks, shadow_memory=args.shadow_memory, prefetch=not args.no_prefetch,
+        scratch_blocks=args.scratch_blocks, shadow_memory=args.shadow_memory, prefetch={"auto": None, "on": True, "off": False}[args.prefetch],
         prefetch_blocks=args.prefetch_blocks)
     telemetry = TelemetryConfig(trace_exporter=args.trace_exporter, otlp_endpoint=args.otlp_endpoint,
                                 step_sample_ratio=args.trace_step_ratio,

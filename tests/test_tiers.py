@@ -245,7 +245,7 @@ def test_scratch_evicts_the_least_attended_piece():
                       device=torch.device("cpu"))
     data = torch.randn(3, BS, D)
     scratch.put("k", torch.tensor([1, 2]), torch.tensor([0, 0]), data[:2])
-    tables, full = torch.tensor([[1, 2]]), torch.tensor([[True, True]])
+    tables, full = torch.tensor([[1, 2]]), torch.tensor([2])
     for _ in range(30):  # block 1 keeps being attended, block 2 barely: its score decays
         scratch.touch(tables, full, torch.tensor([[[0.9, 0.0], [0.01, 0.0]]]))
     scratch.put("k", torch.tensor([3]), torch.tensor([1]), data[2:])

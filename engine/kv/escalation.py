@@ -46,7 +46,10 @@ def check(result: DecodeResult, radius: torch.Tensor, tolerance: torch.Tensor, t
     broadcast to [Bd, 1, 1]. A non-finite output or a non-finite or negative bound becomes an infinite bound (a monitor:
     never accepted).
     tightest=False tries the whole-tail forms first and adds the per-block form only if some head fails them (it
-    can only lower the bound): the same decisions for less work."""
+    can only lower the bound): the same decisions for less work. A result the kernel checked itself (the compiled
+    CPU path, with every form) carries its bound and limit."""
+    if result.bound is not None:
+        return result.bound, result.limit
     limit = None
     if not tightest:
         bound, limit = _bound_and_limit(result, terms_of(result, radius, blockwise=False), tolerance)
@@ -75,12 +78,14 @@ class Ladder:
     def __init__(self, cache: TieredKVCache):
         self.cache = cache
 
-    def run(self, layer: int, q: torch.Tensor, result: DecodeResult, plan: StepPlan, batch, scale: float):
-        """Returns the accepted output [Bd, Hkv, G, D] (float32); accounts every evaluation in the certificates."""
+    def run(self, layer: int, q: torch.Tensor, result: DecodeResult, plan: StepPlan, batch, scale: float,
+            counted: bool = False):
+        """Returns the accepted output [Bd, Hkv, G, D] (float32); accounts every evaluation in the certificates
+        (unless the kernel already `counted` this layer: then nothing escalates here)."""
         view = plan.view
         radius = self.cache.radius[layer][view.slots]  # [Bd, Hkv]
         tol = plan.tolerance[:, None, None]
-        auditing = any(m is KVMode.AUDIT for m in plan.modes)
+        auditing = plan.auditing
         bound, limit = check(result, radius, tol, tightest=auditing)
         out = result.out
         rung = torch.zeros(out.shape[:2], dtype=torch.int64, device=out.device)  # per group
@@ -95,7 +100,8 @@ class Ladder:
                            (out, bound, limit, rung))
         if auditing:
             self._audit(layer, q, plan, batch, scale, out, bound, rung)
-        plan.tally.layers.append((bound, limit, rung, result.alpha_t))
+        if not counted:
+            plan.tally.layers.append((bound, limit, rung, result.alpha_t))
         if escalating or prefetching:
             self._prefetch(layer, result, plan, near | (rung > 0))
         return out
@@ -166,8 +172,11 @@ class Ladder:
         seqs = sorted({i for i, _ in planned})
         index = torch.tensor(seqs, device=q.device)
         sub = view.select(index)
-        decode = reference.certified_decode if twin else certified_decode
-        result = decode(q[index], self.cache.layers[layer], sub, scale, self.cache.quantizers[layer])
+        layers, quantizer = self.cache.layers[layer], self.cache.quantizers[layer]
+        if twin:
+            result = reference.certified_decode(q[index], layers, sub, scale, quantizer)
+        else:
+            result = certified_decode(q[index], layers, sub, scale, quantizer, self.cache.radius[layer], tol[index, 0, 0])
         new_bound, new_limit = check(result, radius[index], tol[index])
         failed = set()
         for (i, h), level in planned.items():

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import scatter_blocks
-from kernels.reference import take
+from kernels import scatter_blocks, touch_scratch
 
 
 class Scratch:
@@ -50,17 +49,10 @@ class Scratch:
         scores[slots] = score
         return slots
 
-    def touch(self, tables: torch.Tensor, full: torch.Tensor, mass: torch.Tensor) -> None:
-        """One decode step of attention: decay every score, raise the held pieces of `tables` [Bd, nb] to their
-        block's mass [Bd, nb, Hkv] (max over the group's query heads) where full [Bd, nb]."""
-        held = take(self.slots, tables)  # [Bd, nb, Hkv, 2]
-        for index, kind in enumerate("kv"):
-            self.score[kind].mul_(self.DECAY)
-            slots = held[..., index]
-            # entries without a held piece raise slot 0 to -inf, which changes nothing (no boolean indexing: a
-            # device sync on CUDA)
-            masked = torch.where((slots >= 0) & full[..., None], mass, -torch.inf)
-            self.score[kind].scatter_reduce_(0, slots.clamp(min=0).long().flatten(), masked.flatten(), reduce="amax")
+    def touch(self, tables: torch.Tensor, num_full: torch.Tensor, mass: torch.Tensor) -> None:
+        """One decode step of attention: decay every score, raise the held pieces of `tables` [Bd, nb] (the first
+        num_full of each row) to their block's mass [Bd, nb, Hkv] (max over the group's query heads)."""
+        touch_scratch(self.score["k"], self.score["v"], self.slots, tables, num_full, mass, self.DECAY)
 
     def invalidate(self, blocks: torch.Tensor) -> None:
         """Blocks freed or re-quantized for a new owner: their pieces are stale."""

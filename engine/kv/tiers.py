@@ -21,12 +21,12 @@ import torch
 from engine.batch import ForwardBatch
 from engine.faults import NO_FAULTS, FaultPlan, ShadowError
 from engine.kv.copy_engine import CopyEngine, Fetch
-from engine.kv.escalation import Ladder
+from engine.kv.escalation import PREFETCH_MARGIN, Ladder
 from engine.kv.quantizers import Quantizer, bytes_per_token
 from engine.kv.scratch import Scratch
 from engine.kv.stats import RUNGS, CertificateStats, EscalationRecord
 from engine.request import KVMode
-from kernels import certified_decode, decode_attention, prefill_attention, quantize_blocks
+from kernels import certified_decode, cpu, decode_attention, decode_path, prefill_attention, quantize_blocks
 from kernels.reference import DecodeView, QuantizedLayer, gather_blocks, make_view, reference_decode
 
 
@@ -80,6 +80,7 @@ class StepPlan:
     modes: list[KVMode]  # [Bd]
     tolerance: torch.Tensor  # [Bd] float32
     certifying: torch.Tensor  # [Bd] bool: certified or audit (climbs the ladder)
+    auditing: bool  # some row is in audit mode
     tally: Tally | None
     window: int | None = None  # the sliding window this plan's view applies (None: whole contexts)
     windowed: dict = field(default_factory=dict)  # window -> this plan with that window's view (built on first use)
@@ -296,11 +297,22 @@ class TieredKVCache:
 
     def _quantized_decode(self, layer, q, plan: StepPlan, batch, scale):
         """Certified decode of the tier-1 sequences; the output served is the accepted float32 output cast to q's
-        dtype, whose rounding the certificate includes (DecodeResult.cast)."""
-        result = certified_decode(q, self.layers[layer], plan.view, scale, self.quantizers[layer])
-        view = plan.view
-        self.scratch[layer].touch(view.block_tables, view.full, result.rho[..., :-1].amax(dim=2).transpose(1, 2))
-        out = self.ladder.run(layer, q, result, plan, batch, scale)
+        dtype, whose rounding the certificate includes (DecodeResult.cast). On the CPU the compiled kernel also
+        checks every head, touches the scratch and, when nothing escalates, counts the layer: then the ladder does
+        not run at all."""
+        view, quantizer, counted = plan.view, self.quantizers[layer], False
+        if decode_path(q, quantizer) == "cpu":
+            decoded = cpu.decode_layer(q, self.layers[layer], view, scale, quantizer, self.radius[layer],
+                                       plan.tolerance, plan.certifying, PREFETCH_MARGIN,
+                                       None if plan.auditing else plan.tally, self.scratch[layer].score,
+                                       self.scratch[layer].DECAY)
+            if decoded.counted and not (decoded.escalate or decoded.near and self.copy.enabled):
+                return decoded.out.flatten(1, 2)  # float32, q's dtype on this path
+            result, counted = decoded.result(), decoded.counted
+        else:
+            result = certified_decode(q, self.layers[layer], view, scale, quantizer)
+            self.scratch[layer].touch(view.block_tables, view.num_full, result.block_mass())
+        out = self.ladder.run(layer, q, result, plan, batch, scale, counted)
         return out.flatten(1, 2).to(q.dtype)
 
     # ---- writes -------------------------------------------------------------------------------------------------
@@ -408,6 +420,7 @@ class TieredKVCache:
             tolerance=torch.tensor([batch.kv[s].tolerance for s in quant], device=device),
             certifying=torch.tensor([batch.kv[s].mode in (KVMode.CERTIFIED, KVMode.AUDIT) for s in quant],
                                     dtype=torch.bool, device=device),
+            auditing=any(batch.kv[s].mode is KVMode.AUDIT for s in quant),
             tally=Tally.zeros(len(quant), device) if quant else None)
 
     def _view(self, batch: ForwardBatch, quant: list[int], window: int | None) -> DecodeView:
