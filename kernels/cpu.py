@@ -21,6 +21,7 @@ uses. Without numba, or with CERTKV_NO_COMPILED_CPU=1, the twin runs.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import time
@@ -397,33 +398,90 @@ if numba is not None:
                         if slot >= 0:
                             scores[slot] = max(scores[slot], mass[i, b, h])
 
+    @njit(cache=True)
+    def _scatter_rows(dst, src, dst_index, src_index):
+        """dst[dst_index[r]] = src[src_index[r]] (src_index empty: src[r]); rows of [.., Hkv, D]."""
+        for r in range(dst_index.shape[0]):
+            dst[dst_index[r]] = src[src_index[r] if src_index.shape[0] else r]
 
-def _bits(x: torch.Tensor) -> np.ndarray:
-    """A float16 tensor's bits as a numpy uint16 array (no copy)."""
-    return x.view(torch.int16).numpy().view(np.uint16)
+    @njit(cache=True)
+    def _write_layer(k, v, shadow_k, shadow_v, slot_mapping, tail_k, tail_v, tail_dst, tail_src, late_dst, late_src,
+                     centre, radius, row_slots, fresh_rows, fresh_slots, first, last):
+        """TieredKVCache._write without the quantization of filled blocks, in two parts around it: `first` writes
+        the step's K/V into the shadows and the tokens of each sequence's first touched block into its tail buffer;
+        `last` writes the tokens of a later partial block into the tail buffer and updates each sequence's value
+        centre (the mean of a fresh sequence's first chunk) and radius R = max ||v_j - c||, rounded up."""
+        none = np.empty(0, np.int64)
+        if first:
+            _scatter_rows(shadow_k, k, slot_mapping, none)
+            _scatter_rows(shadow_v, v, slot_mapping, none)
+            _scatter_rows(tail_k, k, tail_dst, tail_src)
+            _scatter_rows(tail_v, v, tail_dst, tail_src)
+        if not last:
+            return
+        _scatter_rows(tail_k, k, late_dst, late_src)
+        _scatter_rows(tail_v, v, late_dst, late_src)
+        heads, dim = v.shape[1], v.shape[2]
+        if fresh_slots.shape[0]:
+            sums = np.zeros((centre.shape[0], heads, dim))
+            counts = np.zeros(centre.shape[0])
+            for r in range(v.shape[0]):
+                if fresh_rows[r]:
+                    counts[row_slots[r]] += 1
+                    for h in range(heads):
+                        for d in range(dim):
+                            sums[row_slots[r], h, d] += v[r, h, d]
+            for slot in fresh_slots:
+                for h in range(heads):
+                    radius[slot, h] = 0.0
+                    for d in range(dim):
+                        centre[slot, h, d] = sums[slot, h, d] / counts[slot]
+        for r in range(v.shape[0]):
+            slot = row_slots[r]
+            for h in range(heads):
+                square = 0.0
+                for d in range(dim):
+                    square += (np.float64(v[r, h, d]) - centre[slot, h, d]) ** 2
+                up = np.nextafter(np.float32(math.sqrt(square) * (1 + 2.0**-20)), np.float32(np.inf))
+                radius[slot, h] = max(radius[slot, h], up)
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.uint16, torch.int64: np.int64, torch.int32: np.int32,
+                 torch.uint8: np.uint8, torch.bool: np.bool_}  # float16 as its bits: numba has no float16 arrays
+
+
+def _alias(x: torch.Tensor) -> np.ndarray:
+    """x's memory as a numpy array, without a tensor operation (Tensor.numpy() is several): the caller keeps x alive
+    for as long as the array is used."""
+    dtype = np.dtype(_NUMPY_DTYPES[x.dtype])
+    if x.numel() == 0:
+        return np.zeros(x.shape, dtype)
+    span = sum((n - 1) * s for n, s in zip(x.shape, x.stride())) + 1
+    memory = (ctypes.c_char * (span * dtype.itemsize)).from_address(x.data_ptr())
+    flat = np.frombuffer(memory, dtype=dtype, count=span)
+    return np.lib.stride_tricks.as_strided(flat, x.shape, [s * dtype.itemsize for s in x.stride()])
 
 
 _NUMPY: dict[int, tuple] = {}  # id -> (tensor, its numpy array): persistent tensors are converted once
 
 
-def _numpy(x: torch.Tensor, half: bool = False) -> np.ndarray:
-    """x as a numpy array sharing its memory (float16 as bits), converted once while x lives (a layer's tensors for the
-    cache's lifetime, a step's view for the step): a conversion is an operation, a dict lookup is not."""
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    """x as a numpy array sharing its memory (float16 as bits), made once while x lives (a layer's tensors for the
+    cache's lifetime, a step's view for the step)."""
     entry = _NUMPY.get(id(x))
     if entry is None or entry[0] is not x:
         if len(_NUMPY) > 4096:
             _NUMPY.pop(next(iter(_NUMPY)))
-        entry = _NUMPY[id(x)] = (x, _bits(x) if half else x.numpy())
+        entry = _NUMPY[id(x)] = (x, _alias(x))
     return entry[1]
 
 
-def _fields(obj, names: tuple[str, ...], half: tuple[str, ...] = ()) -> list[np.ndarray]:
-    return [_numpy(getattr(obj, n), n in half) for n in names]
+def _fields(obj, names: tuple[str, ...]) -> list[np.ndarray]:
+    return [_numpy(getattr(obj, n)) for n in names]
 
 
 LAYER = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "block_notes", "token_notes", "slots",
          "scratch_k", "scratch_v", "scratch_norms", "tail_k", "tail_v")
-HALF_METADATA = ("k_scale", "k_zero", "v_scale", "v_zero", "token_notes")
 VIEW = ("block_tables", "num_full", "tail_lens", "slots", "start", "use_scratch")
 TALLY = ("evaluations", "rungs", "max_bound", "max_ratio", "tail_mass")
 NO_TALLY = (np.zeros(0, np.int64), np.zeros((0, 5), np.int64), *(np.zeros(0, np.float32),) * 3)
@@ -465,7 +523,7 @@ def decode_layer(q, layer, view, scale: float, quantizer, radius, tolerance, cer
     certifying = np.ones(q.shape[0], np.bool_) if certifying is None else _numpy(certifying)
     counts = NO_TALLY if tally is None else _fields(tally, TALLY)
     score_k, score_v = (NO_SCORES, NO_SCORES) if scores is None else (_numpy(scores["k"]), _numpy(scores["v"]))
-    arrays = _decode_layer(q.numpy(), *_fields(layer, LAYER, HALF_METADATA), *_fields(view, VIEW), _numpy(radius),
+    arrays = _decode_layer(_alias(q), *_fields(layer, LAYER), *_fields(view, VIEW), _numpy(radius),
                            _numpy(tolerance), HALF, float(scale), quantizer.k_bits, quantizer.v_bits,
                            norm_shrink(q.shape[-1]), certifying, margin, tally is not None, *counts, score_k, score_v,
                            decay)
@@ -479,7 +537,7 @@ def certified_decode(q, layer, view, scale: float, quantizer, radius: torch.Tens
 
 
 def touch_scratch(score_k, score_v, slots, tables, num_full, mass, decay: float) -> None:
-    _touch(score_k.numpy(), score_v.numpy(), slots.numpy(), tables.numpy(), num_full.numpy(), mass.numpy(), decay)
+    _touch(*(_alias(x) for x in (score_k, score_v, slots, tables, num_full, mass)), decay)
 
 
 def warm_up() -> tuple[float, bool]:
@@ -514,3 +572,17 @@ def warm_up() -> tuple[float, bool]:
     compiled = any(sum(f.stats.cache_misses.values()) for f in (_decode_layer, _touch))
     return time.perf_counter() - start, compiled
 
+
+
+WRITE_PLAN = ("tail_dst", "tail_src", "late_dst", "late_src", "row_slots", "fresh_rows", "fresh_slots")
+
+
+def write_layer(k, v, shadow_k, shadow_v, slot_mapping, tail_k, tail_v, plan, centre, radius, first: bool,
+                last: bool) -> None:
+    """The cheap part of the write path in one call (_write_layer); k, v [T, Hkv, D] float32, the shadows
+    [NB, bs, Hkv, D], the tails [S, bs, Hkv, D], plan a tiers.WritePlan, centre [S, Hkv, D], radius [S, Hkv]."""
+    rows = lambda x: _numpy(x).reshape(-1, *x.shape[-2:])  # noqa: E731  [positions, Hkv, D]
+    tail_dst, tail_src, late_dst, late_src, row_slots, fresh_rows, fresh_slots = _fields(plan, WRITE_PLAN)
+    _write_layer(_alias(k), _alias(v), rows(shadow_k), rows(shadow_v), _numpy(slot_mapping), rows(tail_k),
+                 rows(tail_v), tail_dst, tail_src, late_dst, late_src, _numpy(centre), _numpy(radius), row_slots,
+                 fresh_rows, fresh_slots, first, last)

@@ -90,13 +90,14 @@ def test_kernel_path_rechecks_failing_groups_with_the_twin(default_model, monkey
     import engine.kv.tiers as tiers
     from kernels import reference
 
-    def triangle(q, layer, view, scale, quantizer):
+    def triangle(q, layer, view, scale, quantizer, *_):
         acc = dataclasses.replace(reference.decode_accumulators(q, layer, view, scale, quantizer), out_dots=None)
         return reference.finish_decode(acc, q, layer, view, scale, quantizer)
 
     prompts = dict(list(chat_prompts(make_engine(default_model).tokenizer).items())[:2])
 
     def rung0(recheck: bool) -> tuple[float, int]:
+        monkeypatch.setattr(tiers, "decode_path", lambda q, quantizer: "triton")
         monkeypatch.setattr(tiers, "certified_decode", triangle)
         monkeypatch.setattr(escalation, "certified_decode", triangle)
         monkeypatch.setattr(escalation, "kernel_decodes", lambda q, quantizer: recheck)

@@ -81,6 +81,7 @@ class StepPlan:
     tolerance: torch.Tensor  # [Bd] float32
     certifying: torch.Tensor  # [Bd] bool: certified or audit (climbs the ladder)
     auditing: bool  # some row is in audit mode
+    decode_only: bool  # every row of the step is a tier-1 decode, in row order
     tally: Tally | None
     window: int | None = None  # the sliding window this plan's view applies (None: whole contexts)
     windowed: dict = field(default_factory=dict)  # window -> this plan with that window's view (built on first use)
@@ -204,6 +205,8 @@ class TieredKVCache:
         plan = self._windowed(batch, window)
         self._write(layer, k, v, batch.slot_mapping, plan.write)
         self._verify_reads(layer, batch, plan)
+        if plan.decode_only:  # every row a tier-1 decode, in order: no gather, no scatter
+            return self._quantized_decode(layer, q, plan, batch, scale)
         out = torch.empty_like(q)
         for seq in batch.prefill_seqs:  # prefill chunks are exact: the dense computation on the shadows
             lo, hi = batch.query_starts[seq], batch.query_starts[seq + 1]
@@ -317,21 +320,36 @@ class TieredKVCache:
 
     # ---- writes -------------------------------------------------------------------------------------------------
     def _write(self, layer, k, v, slot_mapping, plan: WritePlan) -> None:
-        for shadow, new in ((self.shadow_k[layer], k), (self.shadow_v[layer], v)):
-            shadow.view(-1, *new.shape[1:]).index_copy_(0, slot_mapping.to(shadow.device), new.to(shadow.device))
+        """The step's K/V into the shadows and the tail buffers; blocks that filled are quantized (and kept exact in
+        the scratch); each sequence's value centre and radius follow. On the CPU the copies and the spread are one
+        compiled call on each side of the quantization (kernels.cpu.write_layer)."""
         tier1 = self.layers[layer]
-        tails = [tier1.tail_k.view(-1, *k.shape[1:]), tier1.tail_v.view(-1, *v.shape[1:])]
-        for tail, new in zip(tails, (k, v)):
-            tail.index_copy_(0, plan.tail_dst, new[plan.tail_src])
-        if plan.tail_blocks.numel() or plan.new_blocks.numel():
-            blocks = torch.cat([plan.tail_blocks, plan.new_blocks])
-            full_k = torch.cat([tier1.tail_k[plan.tail_block_slots], k[plan.new_block_rows]]).transpose(1, 2)
-            full_v = torch.cat([tier1.tail_v[plan.tail_block_slots], v[plan.new_block_rows]]).transpose(1, 2)
-            self._quantize(layer, blocks, full_k, full_v)
-            if plan.tail_blocks.numel():
-                self._keep_filled(layer, plan.tail_blocks, full_k, full_v)
-        for tail, new in zip(tails, (k, v)):
-            tail.index_copy_(0, plan.late_dst, new[plan.late_src])
+        filled = bool(plan.tail_blocks.numel() or plan.new_blocks.numel())
+        compiled = k.device.type == "cpu" and k.dtype == torch.float32 and cpu.available()
+        if compiled:
+            cpu.write_layer(k, v, self.shadow_k[layer], self.shadow_v[layer], slot_mapping, tier1.tail_k, tier1.tail_v,
+                            plan, self.centre[layer], self.radius[layer], True, not filled)
+        else:
+            for shadow, new in ((self.shadow_k[layer], k), (self.shadow_v[layer], v)):
+                shadow.view(-1, *new.shape[1:]).index_copy_(0, slot_mapping.to(shadow.device), new.to(shadow.device))
+            for tail, new in ((tier1.tail_k, k), (tier1.tail_v, v)):
+                tail.view(-1, *new.shape[1:]).index_copy_(0, plan.tail_dst, new[plan.tail_src])
+        if not filled:
+            if not compiled:
+                self._update_spread(layer, v, plan)
+            return
+        blocks = torch.cat([plan.tail_blocks, plan.new_blocks])
+        full_k = torch.cat([tier1.tail_k[plan.tail_block_slots], k[plan.new_block_rows]]).transpose(1, 2)
+        full_v = torch.cat([tier1.tail_v[plan.tail_block_slots], v[plan.new_block_rows]]).transpose(1, 2)
+        self._quantize(layer, blocks, full_k, full_v)
+        if plan.tail_blocks.numel():
+            self._keep_filled(layer, plan.tail_blocks, full_k, full_v)
+        if compiled:
+            cpu.write_layer(k, v, self.shadow_k[layer], self.shadow_v[layer], slot_mapping, tier1.tail_k, tier1.tail_v,
+                            plan, self.centre[layer], self.radius[layer], False, True)
+            return
+        for tail, new in ((tier1.tail_k, k), (tier1.tail_v, v)):
+            tail.view(-1, *new.shape[1:]).index_copy_(0, plan.late_dst, new[plan.late_src])
         self._update_spread(layer, v, plan)
 
     def _quantize(self, layer: int, blocks: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -421,6 +439,7 @@ class TieredKVCache:
             certifying=torch.tensor([batch.kv[s].mode in (KVMode.CERTIFIED, KVMode.AUDIT) for s in quant],
                                     dtype=torch.bool, device=device),
             auditing=any(batch.kv[s].mode is KVMode.AUDIT for s in quant),
+            decode_only=rows == list(range(batch.num_tokens)),
             tally=Tally.zeros(len(quant), device) if quant else None)
 
     def _view(self, batch: ForwardBatch, quant: list[int], window: int | None) -> DecodeView:
