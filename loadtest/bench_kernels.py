@@ -160,6 +160,9 @@ def bench_e2e(args, device) -> list[dict]:
             if source.exists():
                 (Path(folder) / name).write_bytes(source.read_bytes())
         for mode in ("dense", "certified"):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
             engine = LLMEngine(EngineConfig(model=folder, device=device.type, kv_mode=mode,
                                             max_num_seqs=args.e2e_batch, max_num_batched_tokens=8192,
                                             kv_cache_memory=args.e2e_kv_gib << 30, shadow_memory=args.e2e_kv_gib << 31))
@@ -180,12 +183,27 @@ def bench_e2e(args, device) -> list[dict]:
             wall = time.perf_counter() - start
             rows.append({"bench": "e2e", "mode": mode, "layers": config.num_hidden_layers, "batch": args.e2e_batch,
                          "context": args.e2e_context, "decode_tokens_per_s": round(produced / wall, 1),
-                         "rungs": rungs})  # head-evaluations by the rung that produced them (certified mode)
+                         "rungs": rungs,  # head-evaluations by the rung that produced them (certified mode)
+                         "escalation_rate": round(1 - rungs[0] / sum(rungs), 4) if sum(rungs) else None,
+                         "cache_device_bytes": device_bytes(engine.runner.cache),
+                         "peak_device_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None})
             print(json.dumps(rows[-1]), flush=True)
             del engine
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
+
+
+def device_bytes(cache) -> int:
+    """Device bytes the KV cache allocated: the dense paged cache, or tier 1 (codes, metadata, annotations, the
+    partial-block buffers, the scratch) with each sequence's centre and radius (prefetched pieces come and go: on
+    CUDA the peak allocation counts them)."""
+    if hasattr(cache, "layers"):
+        tensors = [getattr(layer, n) for layer in cache.layers for n in layer.__slots__] + cache.centre + cache.radius
+    else:
+        tensors = cache.k + cache.v
+    unique = {t.data_ptr(): t for t in tensors}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def table(rows: list[dict]) -> str:
@@ -214,6 +232,7 @@ def main() -> None:
     parser.add_argument("--e2e-new-tokens", type=int, default=64)
     parser.add_argument("--e2e-kv-gib", type=int, default=8)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (twins): the script runs")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
@@ -237,6 +256,8 @@ def main() -> None:
     if "e2e" in args.benches:
         rows += bench_e2e(args, device)
     print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

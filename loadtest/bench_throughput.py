@@ -223,9 +223,12 @@ def main() -> None:
 
     model_dir = str(resolve_model(args.model))
     if args.interleaved:
+        rows = []
         for n in args.concurrency:
-            print(json.dumps(bench_interleaved(model_dir, prompts(n, args.prompt_tokens), args.new_tokens,
-                                               args.threads)), flush=True)
+            rows.append(bench_interleaved(model_dir, prompts(n, args.prompt_tokens), args.new_tokens, args.threads))
+            print(json.dumps(rows[-1]), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"rows": rows}, indent=2))
         return
     configs = [(n, bench, extra) for n in args.concurrency for system in args.systems
                for bench, extra in ([(bench_hf, {})] if system == "hf" else [
