@@ -1,28 +1,37 @@
-"""`python -m server.client --target HOST:PORT "prompt"`: streams a generation to stdout.
+"""`certkv generate --target HOST:PORT "prompt"` (or `python -m server.client`): streams a generation to stdout.
 
 --chat sends the prompt as a user message (the model's chat template applies); --json prints each response
 message as one JSON line; --info prints the model description. Exit status 1 with the gRPC status on errors.
+
+The human output ends, on stderr, with the usage line and one line that sums up the certificate, the largest bound
+over its limit first; with --logprobs, each generated token's text and logprob (and the alternatives) follow the text.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 import grpc
-from google.protobuf.json_format import MessageToJson
+from google.protobuf.json_format import MessageToDict, MessageToJson
 
 from server.pb.certkv.v1 import inference_pb2 as pb
 from server.pb.certkv.v1 import inference_pb2_grpc as pb_grpc
 
 MODES = {"dense": pb.DENSE, "quantized": pb.QUANTIZED, "certified": pb.CERTIFIED, "exact": pb.EXACT,
          "audit": pb.AUDIT}
+# The certificate's JSON keys a reader needs first; the others follow in the proto's order.
+SUMMARY_FIRST = ("mode", "maxBoundOverTolerance", "certifiedShare", "escalations", "auditViolations",
+                 "promiseViolations", "tolerance")
+RUNG_NAMES = (("rung1_values", "values"), ("rung2_keys", "keys"), ("rung3_exact_head", "exact head"),
+              ("rung4_exact_layer", "exact layer"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m server.client", description=__doc__.splitlines()[0])
+def build_parser(prog: str = "python -m server.client") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("prompt", nargs="?", help="prompt text (or token ids with --token-ids)")
     p.add_argument("--target", default="127.0.0.1:50051")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
@@ -107,8 +116,8 @@ def health(args: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "python -m server.client") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.health:
         return health(args)
@@ -122,21 +131,64 @@ def main(argv: list[str] | None = None) -> int:
                 print(MessageToJson(stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=args.timeout,
                                                       metadata=metadata)))
                 return 0
-            last = None
+            messages = []
             for message in stub.Generate(build_request(args), timeout=args.timeout, metadata=metadata):
-                if args.json:
-                    print(MessageToJson(message, indent=None), flush=True)
-                else:
-                    print(message.text, end="", flush=True)
-                last = message
+                print(json_line(message) if args.json else message.text, end="\n" if args.json else "", flush=True)
+                messages.append(message)
         except grpc.RpcError as exc:
             print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
-    if not args.json and last is not None:
-        u = last.usage
-        print(f"\n[{pb.FinishReason.Name(last.finish_reason)}; {u.prompt_tokens} prompt + {u.completion_tokens} "
+    if not args.json and messages:
+        print()
+        for line in logprob_lines(messages):
+            print(line)
+        u, last = messages[-1].usage, messages[-1]
+        print(f"[{pb.FinishReason.Name(last.finish_reason)}; {u.prompt_tokens} prompt + {u.completion_tokens} "
               f"completion tokens; ttft {u.time_to_first_token_s:.3f}s; total {u.total_time_s:.3f}s]", file=sys.stderr)
+        print(certificate_line(last.certificate), file=sys.stderr)
     return 0
+
+
+def json_line(message: pb.GenerateResponse) -> str:
+    """The message's proto3 JSON on one line, its certificate's summary keys first."""
+    data = MessageToDict(message)
+    if "certificate" in data:
+        cert = data["certificate"]
+        data["certificate"] = {key: cert[key] for key in SUMMARY_FIRST if key in cert} | cert
+    return json.dumps(data, ensure_ascii=False)
+
+
+def certificate_line(cert: pb.Certificate) -> str:
+    """One line: the largest bound over its limit, the certified share, the escalations, the audit's result."""
+    if cert.mode == pb.DENSE:
+        return "[certificate: none needed, dense attention at full precision]"
+    if not cert.HasField("tolerance"):
+        return f"[certificate: none, {pb.KVMode.Name(cert.mode).lower()} attention is not checked]"
+    if cert.HasField("max_bound_over_tolerance"):
+        parts = [f"bound/limit at most {cert.max_bound_over_tolerance:.3g}"]
+    else:
+        parts = ["no output accepted on a bound (all exact)"]
+    if cert.HasField("certified_share"):
+        parts.append(f"{100 * cert.certified_share:.1f}% certified at rung 0")
+    rungs = ", ".join(f"{name} {getattr(cert, field)}" for field, name in RUNG_NAMES if getattr(cert, field))
+    parts.append(f"{cert.escalations} escalations" + (f" ({rungs})" if rungs else ""))
+    if cert.HasField("audit_violations"):
+        parts.append(f"audit: {cert.audit_violations} violations of the bound, {cert.promise_violations} of the "
+                     f"tolerance")
+    else:
+        parts.append("not audited")
+    mode = pb.KVMode.Name(cert.mode).lower()
+    return f"[certificate, {mode} at tolerance {cert.tolerance:g}: {'; '.join(parts)}]"
+
+
+def logprob_lines(messages: list[pb.GenerateResponse]) -> list[str]:
+    """Per generated token: its logprob and text, then the most likely tokens with theirs."""
+    lines = []
+    for lp in (lp for message in messages for lp in message.logprobs):
+        top = ", ".join(f"{json.dumps(t.token_text, ensure_ascii=False)} {t.logprob:.3f}" for t in lp.top)
+        lines.append(f"{lp.logprob:9.3f}  {json.dumps(lp.token_text, ensure_ascii=False)}"
+                     + (f"   top: {top}" if top else ""))
+    return (["logprobs (token, then the most likely):"] + lines) if lines else []
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import grpc
 
 from engine.config import EngineConfig, ModelSpec
@@ -109,24 +112,42 @@ def kv_choice(message: pb.GenerateRequest) -> tuple[KVMode | None, float | None]
     return _MODES.get(mode), tolerance
 
 
+CERTIFYING = (KVMode.CERTIFIED, KVMode.EXACT, KVMode.AUDIT)
+
+
 def certificate(stats: CertificateStats | None) -> pb.Certificate:
-    if stats is None:
-        return pb.Certificate(mode=pb.DENSE)
-    return pb.Certificate(
+    """Dense and quantized attention certify nothing: their certificate is the mode alone. Optional fields are set
+    where they mean something, so that their zeros print in JSON (audit counts only in audit mode)."""
+    if stats is None or stats.mode not in CERTIFYING:
+        return pb.Certificate(mode=pb.DENSE if stats is None else _MODE_NAMES[stats.mode])
+    rungs = stats.rungs
+    cert = pb.Certificate(
         mode=_MODE_NAMES[stats.mode], tolerance=stats.tolerance, attention_evaluations=stats.evaluations,
-        certified_rung0=stats.rungs[0], rung1_values=stats.rungs[1], rung2_keys=stats.rungs[2],
-        rung3_exact_head=stats.rungs[3], rung4_exact_layer=stats.rungs[4], max_bound=stats.max_bound,
-        max_bound_over_tolerance=stats.max_bound_over_tolerance, audit_violations=stats.audit_violations,
-        worst_actual_over_bound=stats.worst_actual_over_bound, transfer_bytes=stats.transfer_bytes,
-        transfer_seconds=stats.transfer_seconds, promise_violations=stats.promise_violations,
-        worst_actual_over_promise=stats.worst_actual_over_promise)
+        certified_rung0=rungs[0], rung1_values=rungs[1], rung2_keys=rungs[2], rung3_exact_head=rungs[3],
+        rung4_exact_layer=rungs[4], escalations=sum(rungs[1:]), transfer_bytes=stats.transfer_bytes,
+        transfer_seconds=stats.transfer_seconds)
+    if stats.evaluations:
+        cert.certified_share = rungs[0] / stats.evaluations
+    if sum(rungs[:3]):  # some output was accepted on a bound (rungs 0-2; rungs 3-4 are exact)
+        cert.max_bound, cert.max_bound_over_tolerance = stats.max_bound, stats.max_bound_over_tolerance
+    if stats.mode is KVMode.AUDIT:
+        cert.audit_violations, cert.promise_violations = stats.audit_violations, stats.promise_violations
+        cert.worst_actual_over_bound = stats.worst_actual_over_bound
+        cert.worst_actual_over_promise = stats.worst_actual_over_promise
+    return cert
 
 
-def response(out: RequestOutput, request_id: str) -> pb.GenerateResponse:
+def token_texts(tokenizer) -> Callable[[int], str]:
+    """Each token id decoded on its own (logprobs name their tokens), cached: the same tokens come back often."""
+    return functools.lru_cache(maxsize=1 << 16)(lambda token_id: tokenizer.decode([token_id]))
+
+
+def response(out: RequestOutput, request_id: str, token_text: Callable[[int], str]) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(request_id=request_id, token_ids=out.token_ids, text=out.text)
     for lp in out.logprobs:
-        msg.logprobs.append(pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
-                                            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]))
+        top = [pb.TopLogprob(token_id=t, logprob=v, token_text=token_text(t)) for t, v in lp.top]
+        msg.logprobs.append(pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, top=top,
+                                            token_text=token_text(lp.token_id)))
     if out.finished:
         msg.finish_reason = _FINISH[out.finish_reason]
         u = out.usage

@@ -50,12 +50,14 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.telemetry = telemetry
         self.engine: AsyncEngine | None = None  # attached once the model is loaded
         self.tokenizer = None  # the front end's own instance (the engine thread decodes with another)
+        self.token_text = None  # logprobs' token texts, decoded with that instance on the event loop
         self.bound: TokenCountBound | None = None
         self.pool: TokenizerPool | None = None
 
     def attach(self, engine: AsyncEngine, tokenizer) -> None:
         """Builds the token-count bound and the tokenizer pool (a second or so: call it off the event loop)."""
         self.tokenizer = tokenizer
+        self.token_text = convert.token_texts(tokenizer)
         self.bound = TokenCountBound(tokenizer)
         self.pool = TokenizerPool(tokenizer, self.config.tokenizer_threads, self.config.tokenizer_queue,
                                   self.config.tokenizer_queue_per_peer)
@@ -81,7 +83,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                     metrics.output(output, None if last is None else now - last)
                     self.telemetry.escalations(span, output.escalations)
                     last, ended = now, output.finished
-                    await self._write(context, convert.response(output, client_id))
+                    await self._write(context, convert.response(output, client_id, self.token_text))
         except ClientGone:
             pass  # counted below as the client's cancel or deadline, like a cancellation of this task
         except SlowClient as exc:
