@@ -1,0 +1,23 @@
+"""`make help` lists every target with one line each, and `make` alone prints it (issue 24, item 4). A target's help
+is the `## ` comment on its rule line, so a new target without one fails here."""
+
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make(*args: str) -> str:
+    done = subprocess.run(["make", "--no-print-directory", "-s", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_make_alone_prints_the_help_of_every_target():
+    phony = re.search(r"^\.PHONY:(.*)$", (ROOT / "Makefile").read_text(), re.M).group(1).split()
+    listed = make("help")
+    described = dict(re.findall(r"^  (\S+) +(\S.*)$", listed, re.M))
+    assert sorted(described) == sorted(phony) and all(len(text) > 10 for text in described.values())
+    assert make() == listed
