@@ -32,6 +32,17 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
+# Per-test timeouts sized for a busy 2-core machine: pyproject's `timeout` for every test, this for the tests marked
+# slow (the default model end to end, the packaging test), which took up to 393 s there. A test's own
+# @pytest.mark.timeout wins.
+SLOW_TIMEOUT_S = 1200
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+
 
 @pytest.fixture(scope="session")
 def default_model() -> Path:
