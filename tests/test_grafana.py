@@ -117,3 +117,18 @@ async def test_every_queried_metric_and_label_is_exported(scraped):
     for expr in queries(dashboard):
         assert metric_names(expr) <= names, (expr, metric_names(expr) - names)
         assert label_names(expr) <= labels, (expr, label_names(expr) - labels)
+
+
+def test_the_charts_dashboard_configmap_is_the_dashboard():
+    """grafanaDashboard.enabled renders deploy/grafana/certkv.json (the chart links to it) for Grafana's sidecar."""
+    import kubernetes_validate
+
+    from tests.test_deploy import KUBE, render
+
+    dashboards = [d for d in render({"grafanaDashboard": {"enabled": True}})
+                  if d["kind"] == "ConfigMap" and "certkv.json" in d["data"]]
+    (configmap,) = dashboards
+    kubernetes_validate.validate(configmap, KUBE, strict=True)
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(configmap["data"]["certkv.json"]) == json.loads(DASHBOARD.read_text())
+    assert not [d for d in render() if d["kind"] == "ConfigMap" and "certkv.json" in d["data"]]  # off by default
