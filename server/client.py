@@ -164,6 +164,9 @@ def certificate_line(cert: pb.Certificate) -> str:
         return "[certificate: none needed, dense attention at full precision]"
     if not cert.HasField("tolerance"):
         return f"[certificate: none, {pb.KVMode.Name(cert.mode).lower()} attention is not checked]"
+    if cert.mode == pb.EXACT:
+        return (f"[certificate, exact: all {cert.attention_evaluations} attention outputs computed from the "
+                f"full-precision shadows]")
     if cert.HasField("max_bound_over_tolerance"):
         parts = [f"bound/limit at most {cert.max_bound_over_tolerance:.3g}"]
     else:

@@ -82,6 +82,9 @@ async def test_cli_ends_with_the_certificate_line(server, capsys):
         assert code == 0 and err.strip().splitlines()[-1] == expected
     code, _, err = await cli_run(capsys, server, "Hi", "--max-new-tokens", "4", "--kv-mode", "certified")
     assert err.strip().splitlines()[-1].endswith("; not audited]")
+    code, _, err = await cli_run(capsys, server, "Hi", "--max-new-tokens", "3", "--kv-mode", "exact")
+    assert re.fullmatch(r"\[certificate, exact: all \d+ attention outputs computed from the full-precision shadows\]",
+                        err.strip().splitlines()[-1])
 
 
 async def test_logprobs_name_their_tokens(server, capsys, tiny_llama):
