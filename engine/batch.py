@@ -22,6 +22,7 @@ class ForwardBatch:
     input_ids: torch.Tensor  # [T] int64: the new tokens, sequence after sequence
     positions: torch.Tensor  # [T] int64: each new token's position in its sequence
     slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) receiving each token's K/V
+    slot_mapping_host: torch.Tensor  # [T] int64: the same on the host (tier-2 writes read it without a device sync)
     block_tables: torch.Tensor  # [B, max_blocks] int64: each sequence's blocks, padded with 0 (never read)
     context_lens: torch.Tensor  # [B] int64: tokens in the cache after this step (start + query length)
     query_starts: list[int]  # B + 1: offset of each sequence's first new token in T; the last entry is T
@@ -79,6 +80,7 @@ def build_forward_batch(output: SchedulerOutput, block_size: int, device: torch.
         input_ids=tensor(input_ids),
         positions=tensor(positions),
         slot_mapping=tensor(slots),
+        slot_mapping_host=torch.tensor(slots, dtype=torch.int64),
         block_tables=tensor(tables),
         context_lens=tensor([s + len(item.token_ids) for s, item in zip(starts, output.scheduled)]),
         query_starts=query_starts,

@@ -425,12 +425,11 @@ if numba is not None:
         if fresh_slots.shape[0]:
             sums = np.zeros((centre.shape[0], heads, dim))
             counts = np.zeros(centre.shape[0])
-            for r in range(v.shape[0]):
-                if fresh_rows[r]:
-                    counts[row_slots[r]] += 1
-                    for h in range(heads):
-                        for d in range(dim):
-                            sums[row_slots[r], h, d] += v[r, h, d]
+            for r in fresh_rows:
+                counts[row_slots[r]] += 1
+                for h in range(heads):
+                    for d in range(dim):
+                        sums[row_slots[r], h, d] += v[r, h, d]
             for slot in fresh_slots:
                 for h in range(heads):
                     radius[slot, h] = 0.0

@@ -100,8 +100,9 @@ class OpCounter(TorchDispatchMode):
             return True
         if name in ("index", "index_put", "index_put_") and len(args) > 1:
             return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ())
-        if name == "repeat_interleave":
-            return kwargs.get("output_size") is None
+        if name == "repeat_interleave":  # with a tensor of repeats, the output's size is read from the device
+            return isinstance(args[1] if len(args) > 1 else kwargs.get("repeats"), torch.Tensor) and kwargs.get(
+                "output_size") is None
         if name in ("_to_copy", "copy_"):  # device -> host copies, and host lists moved to a device
             source = args[1] if name == "copy_" else args[0]
             target = args[0].device if name == "copy_" else kwargs.get("device", source.device)

@@ -185,6 +185,31 @@ def test_write_path_stores_what_attention_reads():
         assert ((v - centre).norm(dim=-1) <= cache.radius[0][slot]).all()  # R covers every token
 
 
+def test_deferred_tier2_writes_land_before_any_read(monkeypatch):
+    """The CUDA write path, run here on the CPU: the step's K/V and the filled blocks' checksums reach the host
+    through staging buffers and are scattered into the shadows before the next read (exact decodes, verification)
+    and at the next step's start; nothing the ladder or audit reads is stale."""
+    from kernels import cpu
+
+    monkeypatch.setattr(cpu, "available", lambda: False)  # the torch write path, which CUDA takes
+    h = Harness(4, 2, seed=7)
+    h.cache._deferred = True
+    h.step({"a": random_kv(h.gen, 30), "b": random_kv(h.gen, 14)}, KVPolicy(KVMode.AUDIT, 0.05))
+    for n in (1, 1, 2, 1):  # block boundaries crossed by decodes and a two-token chunk
+        q = torch.randn(2, HKV * G, D, generator=h.gen)
+        _, out = h.step({"a": random_kv(h.gen, n), "b": random_kv(h.gen, n)}, KVPolicy(KVMode.EXACT, 0.0), q=q)
+        if n == 1:
+            for i, rid in enumerate("ab"):
+                assert torch.allclose(out[i].double().view(HKV, G, D), h.reference(rid, q[i]), atol=1e-5)
+    h.cache._settle()
+    for rid in "ab":
+        k, table = h.keys[rid], h.tables[rid]
+        assert torch.equal(h.cache.shadow_k[0][table].flatten(0, 1)[:len(k)], k)
+        full = torch.tensor(table[:len(k) // BS])
+        assert bool(h.cache.verified[0][full].all())  # the exact decodes checked every full block: sums agreed
+    assert h.cache.stats["a"].audit_violations == 0 and not h.cache._pending
+
+
 def test_exact_and_dense_modes_read_the_shadows():
     h = Harness(seed=2)
     h.step({"a": random_kv(h.gen, 30)}, KVPolicy(KVMode.EXACT, 0.0))

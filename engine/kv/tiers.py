@@ -43,8 +43,9 @@ class WritePlan:
     late_dst: torch.Tensor  # [C] tail positions of tokens in a partial last block other than the first touched one
     late_src: torch.Tensor  # [C]
     row_slots: torch.Tensor  # [T] sequence slot of each new token
-    fresh_rows: torch.Tensor  # [T] bool: the token belongs to a sequence written from position 0 this step
+    fresh_rows: torch.Tensor  # [R] rows of tokens of sequences written from position 0 this step
     fresh_slots: torch.Tensor  # [F] slots of those sequences (centre and radius start over)
+    filled: list[int]  # tail_blocks then new_blocks, on the host
 
 
 @dataclass(slots=True)
@@ -119,6 +120,12 @@ class TieredKVCache:
         self.checksums = [torch.zeros(num_blocks, dtype=torch.int64) for _ in range(num_layers)]
         self.verified = [torch.zeros(num_blocks, dtype=torch.bool) for _ in range(num_layers)]
         self._corrupted: set[str] = set()
+        # On CUDA the step's K/V and checksums reach the host asynchronously (pinned staging buffers, copies queued
+        # on the stream): the host work waiting for them runs in _settle, before the next read of the shadows.
+        self._deferred = device.type == "cuda"
+        self._staging: dict[tuple, torch.Tensor] = {}
+        self._pending: list = []
+        self._pending_event = torch.cuda.Event() if device.type == "cuda" else None
 
     def _tier1(self, layer: int, max_seqs: int) -> QuantizedLayer:
         nb, h, bs, d = self.num_blocks, self.kv_heads, self.block_size, self.head_dim
@@ -191,6 +198,7 @@ class TieredKVCache:
 
     # ---- the KVCache seam ---------------------------------------------------------------------------------------
     def prepare(self, batch: ForwardBatch) -> None:
+        self._settle()
         for seq, (rid, kv, blocks, client) in enumerate(zip(batch.request_ids, batch.kv, batch.block_ids,
                                                             batch.client_ids)):
             if rid not in self.slots:
@@ -203,7 +211,7 @@ class TieredKVCache:
 
     def forward(self, layer, q, k, v, batch, scale, window: int | None = None):
         plan = self._windowed(batch, window)
-        self._write(layer, k, v, batch.slot_mapping, plan.write)
+        self._write(layer, k, v, batch.slot_mapping_host, plan.write)
         self._verify_reads(layer, batch, plan)
         if plan.decode_only:  # every row a tier-1 decode, in order: no gather, no scatter
             return self._quantized_decode(layer, q, plan, batch, scale)
@@ -211,7 +219,7 @@ class TieredKVCache:
         for seq in batch.prefill_seqs:  # prefill chunks are exact: the dense computation on the shadows
             lo, hi = batch.query_starts[seq], batch.query_starts[seq + 1]
             length = batch.starts[seq] + hi - lo
-            table = batch.block_tables[seq].to(self.shadow_device)
+            table = torch.tensor(batch.block_ids[seq], dtype=torch.int64)  # host: no device read
             keys = gather_blocks(self.shadow_k[layer], table, length).to(q.device)
             values = gather_blocks(self.shadow_v[layer], table, length).to(q.device)
             out[lo:hi] = prefill_attention(q[lo:hi], keys, values, scale, window)
@@ -246,6 +254,7 @@ class TieredKVCache:
     def verify(self, layer: int, request_ids: list[str], blocks: list[list[int]], client_ids: list[str]) -> None:
         """Raises ShadowError for the requests whose shadows (of full blocks) are missing or fail their checksum. Each
         block is checked once after it was written (`verified`); all unchecked blocks of the call in one pass."""
+        self._settle()
         bad = [rid for rid, client in zip(request_ids, client_ids) if self.faults.targets("shadow.drop", client)]
         verified = self.verified[layer]
         fresh = sorted({b for rid, full in zip(request_ids, blocks) if rid not in bad for b in full if not verified[b]})
@@ -285,6 +294,7 @@ class TieredKVCache:
 
     def exact_decode(self, layer, q, tables, lens, scale, window: int | None = None):
         """Dense decode attention from the shadows (what dense mode computes, bit for bit on the same device)."""
+        self._settle()
         keys, values = self.shadow_k[layer], self.shadow_v[layer]
         if keys.device != q.device:  # fetch the sequences' blocks; the same computation on the copied blocks
             host = tables.to(self.shadow_device)
@@ -294,6 +304,7 @@ class TieredKVCache:
 
     def reference_decode(self, layer, q, tables, lens, scale, window: int | None = None):
         """The float64 reference (O_ref, RMS_ref) of decode queries q [n, H, D] over their shadows (audit)."""
+        self._settle()
         host = tables.to(self.shadow_device)
         keys, values = (gather_blocks(x, host).to(q.device) for x in (self.shadow_k[layer], self.shadow_v[layer]))
         return reference_decode(q, keys, values, lens, scale, window)
@@ -330,8 +341,7 @@ class TieredKVCache:
             cpu.write_layer(k, v, self.shadow_k[layer], self.shadow_v[layer], slot_mapping, tier1.tail_k, tier1.tail_v,
                             plan, self.centre[layer], self.radius[layer], True, not filled)
         else:
-            for shadow, new in ((self.shadow_k[layer], k), (self.shadow_v[layer], v)):
-                shadow.view(-1, *new.shape[1:]).index_copy_(0, slot_mapping.to(shadow.device), new.to(shadow.device))
+            self._write_shadows(layer, k, v, slot_mapping)
             for tail, new in ((tier1.tail_k, k), (tier1.tail_v, v)):
                 tail.view(-1, *new.shape[1:]).index_copy_(0, plan.tail_dst, new[plan.tail_src])
         if not filled:
@@ -341,7 +351,7 @@ class TieredKVCache:
         blocks = torch.cat([plan.tail_blocks, plan.new_blocks])
         full_k = torch.cat([tier1.tail_k[plan.tail_block_slots], k[plan.new_block_rows]]).transpose(1, 2)
         full_v = torch.cat([tier1.tail_v[plan.tail_block_slots], v[plan.new_block_rows]]).transpose(1, 2)
-        self._quantize(layer, blocks, full_k, full_v)
+        self._quantize(layer, blocks, plan.filled, full_k, full_v)
         if plan.tail_blocks.numel():
             self._keep_filled(layer, plan.tail_blocks, full_k, full_v)
         if compiled:
@@ -352,19 +362,69 @@ class TieredKVCache:
             tail.view(-1, *new.shape[1:]).index_copy_(0, plan.late_dst, new[plan.late_src])
         self._update_spread(layer, v, plan)
 
-    def _quantize(self, layer: int, blocks: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """keys, values [N, Hkv, bs, D] exact -> codes, metadata and measured error norms of `blocks`."""
+    def _write_shadows(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """The step's K/V [T, Hkv, D] into the shadows at slot_mapping [T] (host): a copy on the CPU; on CUDA an
+        asynchronous one into pinned staging, scattered into the shadows by _settle."""
+        shadows = (self.shadow_k[layer], self.shadow_v[layer])
+        if not self._deferred:
+            for shadow, new in zip(shadows, (k, v)):
+                shadow.view(-1, *new.shape[1:]).index_copy_(0, slot_mapping, new.to(shadow.device))
+            return
+        staged = [self._stage((layer, kind), new) for kind, new in zip("kv", (k, v))]
+
+        def scatter():
+            for shadow, rows in zip(shadows, staged):
+                shadow.view(-1, *rows.shape[1:]).index_copy_(0, slot_mapping, rows)
+
+        self._queue(scatter)
+
+    def _stage(self, key: tuple, x: torch.Tensor) -> torch.Tensor:
+        """x copied to the host without waiting, into a pinned buffer of its own (grown when too small)."""
+        buffer = self._staging.get(key)
+        if buffer is None or buffer.numel() < x.numel() or buffer.dtype != x.dtype:
+            buffer = self._staging[key] = torch.empty(max(x.numel(), 1 << 16), dtype=x.dtype,
+                                                      pin_memory=self.device.type == "cuda")
+        staged = buffer[:x.numel()].view(x.shape)
+        staged.copy_(x, non_blocking=True)
+        return staged
+
+    def _queue(self, work) -> None:
+        self._pending.append(work)
+        if self._pending_event is not None:
+            self._pending_event.record()
+
+    def _settle(self) -> None:
+        """Runs the host work waiting for this step's asynchronous copies (CUDA): one wait for all of them."""
+        if self._pending:
+            if self._pending_event is not None:
+                self._pending_event.synchronize()
+            for work in self._pending:
+                work()
+            self._pending.clear()
+
+    def _quantize(self, layer: int, blocks: torch.Tensor, filled: list[int], keys: torch.Tensor,
+                  values: torch.Tensor) -> None:
+        """keys, values [N, Hkv, bs, D] exact -> codes, metadata and measured error norms of `blocks` (`filled`: the
+        same on the host). The checksums are of the device's data, so a bad copy to the shadows shows."""
         tier1, q = self.layers[layer], self.quantizers[layer]
-        host = blocks.to(self.shadow_device)
-        self.checksums[layer][host] = _checksum(keys, values).to(self.shadow_device)
-        self.verified[layer][host] = False
+        host = torch.tensor(filled, dtype=torch.int64)
+        sums = _checksum(keys, values)
+        if self._deferred:
+            staged = self._stage((layer, "checksum"), sums)
+            self._queue(lambda: self._store_checksums(layer, host, staged))
+        else:
+            self._store_checksums(layer, host, sums)
         written = quantize_blocks(keys, values, q)
         k_codes, v_codes = written.keys, written.values
         tier1.k_codes[blocks], tier1.k_scale[blocks], tier1.k_zero[blocks] = k_codes.codes, k_codes.scale, k_codes.zero
         tier1.v_codes[blocks], tier1.v_scale[blocks], tier1.v_zero[blocks] = v_codes.codes, v_codes.scale, v_codes.zero
         tier1.block_notes[blocks], tier1.token_notes[blocks] = written.block_notes, written.token_notes
         self.scratch[layer].invalidate(blocks)
-        self.copy.invalidate(layer, blocks.tolist())
+        self.copy.invalidate(layer, filled)
+
+    def _store_checksums(self, layer: int, blocks: torch.Tensor, sums: torch.Tensor) -> None:
+        self.checksums[layer][blocks] = sums
+        self.verified[layer][blocks] = False
 
     def _keep_filled(self, layer: int, blocks: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """A sequence's block that just filled in the tail buffer stays exact in the scratch (no tier-2 fetch: the
@@ -379,7 +439,8 @@ class TieredKVCache:
         """Centre c from a sequence's first chunk; R = max ||v_j - c|| over every token, rounded up."""
         centre, radius, values = self.centre[layer], self.radius[layer], v.float()
         if plan.fresh_slots.numel():
-            rows, slots = plan.fresh_rows.nonzero().squeeze(1), plan.row_slots[plan.fresh_rows]
+            rows = plan.fresh_rows
+            slots = plan.row_slots[rows]
             sums = torch.zeros_like(centre).index_add_(0, slots, values[rows])
             counts = torch.zeros(centre.shape[0], device=centre.device).index_add_(
                 0, slots, torch.ones_like(slots, dtype=torch.float32))
@@ -399,7 +460,8 @@ class TieredKVCache:
             slot, start, row0 = self.slots[rid], batch.starts[seq], batch.query_starts[seq]
             end, blocks = start + batch.query_len(seq), batch.block_ids[seq]
             lists["row_slots"] += [slot] * (end - start)
-            lists["fresh_rows"] += [start == 0] * (end - start)
+            if start == 0:
+                lists["fresh_rows"] += range(row0, row0 + end - start)
             if start == 0:
                 lists["fresh_slots"].append(slot)
             first_end = min(end, (start // bs + 1) * bs)  # tokens of the first touched block go to the tail
@@ -416,10 +478,9 @@ class TieredKVCache:
                     lists["late_dst"] += [slot * bs + p % bs for p in range(b0, end)]
                     lists["late_src"] += [row0 + p - start for p in range(b0, end)]
         device = self.device
-        tensors = {name: torch.tensor(values, dtype=torch.bool if name == "fresh_rows" else torch.int64,
-                                      device=device) for name, values in lists.items()}
+        tensors = {name: torch.tensor(values, dtype=torch.int64, device=device) for name, values in lists.items()}
         tensors["new_block_rows"] = tensors["new_block_rows"].view(-1, bs)
-        return WritePlan(**tensors)
+        return WritePlan(**tensors, filled=lists["tail_blocks"] + lists["new_blocks"])
 
     def _decode_plan(self, batch: ForwardBatch) -> dict:
         device = self.device
@@ -490,6 +551,7 @@ class TieredKVCache:
         return fetched
 
     def prefetch(self, layer: int, blocks: list[int], head: int, kind: str) -> None:
+        self._settle()
         self.copy.prefetch(layer, kind, self.shadow_k[layer] if kind == "k" else self.shadow_v[layer], blocks, head)
 
 
