@@ -232,6 +232,22 @@ def test_tiny_tolerance_escalates_and_stays_close():
     assert h.cache.records and all(r.rung >= 1 for r in h.cache.records)
 
 
+def test_a_layers_promotions_move_in_one_transfer_per_kind(monkeypatch):
+    """Every group that escalates at a layer and step asks for its pieces; they cross from tier 2 in one transfer per
+    kind (keys, values) and enter the scratch in one update, whatever the number of groups."""
+    h = Harness(8, 2, seed=13, scratch=64)
+    policy = KVPolicy(KVMode.CERTIFIED, 0.05)
+    h.step({rid: random_kv(h.gen, 60, "outlier") for rid in "abc"}, policy)
+    copies, puts = [], []
+    copy, put = h.cache.copy._copy, h.cache.scratch[0].put
+    monkeypatch.setattr(h.cache.copy, "_copy", lambda *args: copies.append(len(args[1])) or copy(*args))
+    monkeypatch.setattr(h.cache.scratch[0], "put", lambda kind, *args: puts.append(kind) or put(kind, *args))
+    h.step({rid: random_kv(h.gen, 1, "outlier") for rid in "abc"}, policy, q=torch.randn(3, HKV * G, D) * 3)
+    groups = {(r.engine_id, r.kv_head) for r in h.cache.records if r.rung in (1, 2)}
+    assert len(groups) > 1 and len(copies) <= 2 and sorted(set(puts)) == sorted(puts)  # one put per kind
+    assert sum(copies) == sum(r.blocks for r in h.cache.records if r.rung in (1, 2))
+
+
 def test_broken_metadata_goes_to_rung_4():
     h = Harness(8, 4, seed=4)
     policy = KVPolicy(KVMode.CERTIFIED, 0.05)

@@ -40,6 +40,7 @@ class Fetch:
     bytes: int
     seconds: float  # transfer time of the pieces that were not prefetched (0 when all were)
     hits: int  # pieces that were prefetched
+    hit: tuple[bool, ...] = ()  # per piece: it was prefetched
 
 
 class CopyEngine:
@@ -56,29 +57,31 @@ class CopyEngine:
         self._stream = torch.cuda.Stream(device) if self._cuda else None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="certkv-prefetch") if prefetch else None
 
-    def fetch(self, layer: int, kind: str, shadow: torch.Tensor, blocks: list[int], head: int) -> Fetch:
-        """shadow [NB, bs, Hkv, D] on the host -> the pieces [len(blocks), bs, D] on the device."""
-        pieces, missing = [None] * len(blocks), []
-        for i, block in enumerate(blocks):
+    def fetch(self, layer: int, kind: str, shadow: torch.Tensor, pieces: list[tuple[int, int]]) -> Fetch:
+        """shadow [NB, bs, Hkv, D] on the host -> the (block, KV head) pieces [n, bs, D] on the device, the ones not
+        prefetched in one transfer."""
+        found, missing = [None] * len(pieces), []
+        for i, (block, head) in enumerate(pieces):
             ready = self._take(self._pending[layer].pop((kind, block, head), None))
             if ready is None:
                 missing.append(i)
             else:
-                pieces[i] = ready
+                found[i] = ready
         seconds, nbytes = 0.0, 0
         if missing:
-            data, seconds = self._timed_copy(shadow, [blocks[i] for i in missing], head)
+            data, seconds = self._timed_copy(shadow, [pieces[i] for i in missing])
             for j, i in enumerate(missing):
-                pieces[i] = data[j]
-        hits = len(blocks) - len(missing)
-        out = torch.stack(pieces)
+                found[i] = data[j]
+        hits = len(pieces) - len(missing)
+        out = torch.stack(found)
         nbytes = out.numel() * out.element_size()
         self.stats.fetch_bytes += nbytes
         self.stats.fetch_seconds += seconds
         self.stats.hits += hits
         self.stats.misses += len(missing)
         self.stats.record(seconds)
-        return Fetch(out, nbytes, seconds, hits)
+        absent = set(missing)
+        return Fetch(out, nbytes, seconds, hits, tuple(i not in absent for i in range(len(pieces))))
 
     def prefetch(self, layer: int, kind: str, shadow: torch.Tensor, blocks: list[int], head: int) -> None:
         """Starts copying pieces that a later fetch will probably ask for."""
@@ -130,22 +133,24 @@ class CopyEngine:
         torch.cuda.current_stream(self.device).wait_event(event)
         return data
 
-    def _timed_copy(self, shadow: torch.Tensor, blocks: list[int], head: int) -> tuple[torch.Tensor, float]:
+    def _timed_copy(self, shadow: torch.Tensor, pieces: list[tuple[int, int]]) -> tuple[torch.Tensor, float]:
         """The pieces on the device and the transfer's seconds: between two CUDA events around the copy (the work
         queued before it on the stream does not count), or the wall clock on CPU."""
         if not self._cuda:
             start = time.perf_counter()
-            data = self._copy(shadow, blocks, head)
+            data = self._copy(shadow, pieces)
             return data, time.perf_counter() - start
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        data = self._copy(shadow, blocks, head)
+        data = self._copy(shadow, pieces)
         end.record()
         end.synchronize()
         return data, start.elapsed_time(end) / 1000
 
-    def _copy(self, shadow: torch.Tensor, blocks: list[int], head: int) -> torch.Tensor:
-        return shadow[torch.tensor(blocks), :, head].to(self.device, non_blocking=True)
+    def _copy(self, shadow: torch.Tensor, pieces: list[tuple[int, int]]) -> torch.Tensor:
+        """One gather on the host, one transfer: [n, bs, D]."""
+        blocks, heads = (torch.tensor(x, dtype=torch.int64) for x in zip(*pieces))
+        return shadow[blocks, :, heads].to(self.device, non_blocking=True)
 
     @staticmethod
     def _drop(item) -> None:

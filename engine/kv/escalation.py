@@ -138,18 +138,18 @@ class Ladder:
             failed = self._rerun(layer, q, view, scale, radius, tol, {(i, h): 0 for i, h in groups}, state, twin=True)
             groups = [[i, h] for i, h in groups if (i, h) in failed]
         allowance = cache.scratch[layer].capacity // 2  # promotions per layer and step: no churn within a step
+        wanted: dict[str, dict[tuple[int, int], tuple[int, int]]] = {"v": {}, "k": {}}  # piece -> its first group
         for (i, h), choice in zip(groups, self._plan_groups(layer, result, terms, view, groups, limit, radius)):
             if choice is None or len(choice[0]) + len(choice[1]) > allowance:
                 exact.add((i, h))
                 continue
             values, keys = choice
             allowance -= len(values) + len(keys)
-            ids = plan.request_ids[i], plan.client_ids[i]
-            fetched = [f for f in (cache.promote(layer, "v", [b for _, b in values], h, *ids),
-                                   cache.promote(layer, "k", keys, h, *ids)) if f is not None]
-            moved[(i, h)] = (len(values) + len(keys), sum(f.bytes for f in fetched), sum(f.seconds for f in fetched),
-                             all(f.hits == len(f.data) for f in fetched))
+            for kind, blocks in (("v", [b for _, b in values]), ("k", keys)):
+                for block in blocks:
+                    wanted[kind].setdefault((block, h), (i, h))
             rerun[(i, h)] = 2 if keys else 1
+        moved |= self._promote(layer, plan, wanted)
         if rerun:
             exact |= self._rerun(layer, q, view, scale, radius, tol, rerun, state)
         exact |= {(i, h) for i in broken.nonzero().flatten().tolist() for h in range(out.shape[1])}
@@ -164,6 +164,25 @@ class Ladder:
                                       hit, plan.request_ids[i])
             cache.records.append(record)
             cache.stats[record.engine_id].add_record(record)
+
+    def _promote(self, layer, plan, wanted: dict) -> dict:
+        """All of a layer's promotions in one transfer and one scratch update per kind (TieredKVCache.promote); returns
+        per group (blocks, bytes, seconds, all prefetched), the seconds shared by the pieces' count."""
+        moved: dict[tuple[int, int], list] = {}
+        for kind, pieces in wanted.items():
+            owners = list(pieces.values())
+            fetched = self.cache.promote(layer, kind, list(pieces), [(plan.request_ids[i], plan.client_ids[i])
+                                                                     for i, _ in owners])
+            if fetched is None:
+                continue
+            share_bytes, share_seconds = fetched.bytes / len(owners), fetched.seconds / len(owners)
+            for group, hit in zip(owners, fetched.hit):
+                entry = moved.setdefault(group, [0, 0, 0.0, True])
+                entry[0] += 1
+                entry[1] += share_bytes
+                entry[2] += share_seconds
+                entry[3] &= hit
+        return {group: (blocks, int(nbytes), seconds, hit) for group, (blocks, nbytes, seconds, hit) in moved.items()}
 
     def _rerun(self, layer, q, view, scale, radius, tol, planned, state, twin: bool = False) -> set:
         """Re-certifies the planned groups with their promoted blocks (with the PyTorch twin if `twin`); returns the

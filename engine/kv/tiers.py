@@ -532,22 +532,27 @@ class TieredKVCache:
         return plan.windowed[window]
 
     # ---- tier-2 fetches -----------------------------------------------------------------------------------------
-    def promote(self, layer: int, kind: str, blocks: list[int], head: int, request_id: str,
-                client_id: str) -> Fetch | None:
-        """Copies exact blocks of one KV head from tier 2 into the scratch (through the copy engine), checked."""
-        if not blocks:
+    def promote(self, layer: int, kind: str, pieces: list[tuple[int, int]],
+                requests: list[tuple[str, str]]) -> Fetch | None:
+        """Copies exact (block, KV head) pieces from tier 2 into the scratch: the shadows of every requesting
+        sequence checked (requests[i] = (request id, client id) of piece i), then one transfer and one scratch
+        update for all of them. pieces are distinct."""
+        if not pieces:
             return None
-        self.verify(layer, [request_id], [blocks], [client_id])
+        owners: dict[tuple[str, str], list[int]] = {}
+        for (block, _), owner in zip(pieces, requests):
+            owners.setdefault(owner, []).append(block)
+        self.verify(layer, [r for r, _ in owners], list(owners.values()), [c for _, c in owners])
         shadow = self.shadow_k[layer] if kind == "k" else self.shadow_v[layer]
         try:
             if self.faults.active("copy.fail") is not None:
                 self.faults.hit("copy.fail")
                 raise RuntimeError("injected tier-2 copy failure")
-            fetched = self.copy.fetch(layer, kind, shadow, blocks, head)
+            fetched = self.copy.fetch(layer, kind, shadow, pieces)
         except RuntimeError as exc:
-            raise ShadowError([request_id], f"tier-2 copy failed: {exc}") from exc
-        index = torch.tensor(blocks, device=self.device)
-        self.scratch[layer].put(kind, index, torch.full_like(index, head), fetched.data)
+            raise ShadowError([r for r, _ in owners], f"tier-2 copy failed: {exc}") from exc
+        blocks, heads = (torch.tensor(x, dtype=torch.int64, device=self.device) for x in zip(*pieces))
+        self.scratch[layer].put(kind, blocks, heads, fetched.data)
         return fetched
 
     def prefetch(self, layer: int, blocks: list[int], head: int, kind: str) -> None:
