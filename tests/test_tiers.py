@@ -248,6 +248,20 @@ def test_a_layers_promotions_move_in_one_transfer_per_kind(monkeypatch):
     assert sum(copies) == sum(r.blocks for r in h.cache.records if r.rung in (1, 2))
 
 
+def test_prefetches_chosen_during_a_step_are_fetched_after_it_and_hit():
+    """Groups near their limit get their likeliest blocks chosen on the device at each layer; the step's choices are
+    read back once at its end and fetched, and the next step's promotions find most of them waiting."""
+    h = Harness(8, 2, seed=13, scratch=24)
+    h.cache.copy = type(h.cache.copy)(h.cache.device, True)  # prefetch on (the CPU's default is off)
+    policy = KVPolicy(KVMode.CERTIFIED, 0.05)
+    h.step({rid: random_kv(h.gen, 90, "outlier") for rid in "ab"}, policy)
+    for _ in range(4):
+        h.step({rid: random_kv(h.gen, 1, "outlier") for rid in "ab"}, policy, q=torch.randn(2, HKV * G, D) * 3)
+    stats = h.cache.copy.stats
+    assert stats.prefetch_bytes > 0 and stats.hits > 0, stats
+    h.cache.copy.close()
+
+
 def test_broken_metadata_goes_to_rung_4():
     h = Harness(8, 4, seed=4)
     policy = KVPolicy(KVMode.CERTIFIED, 0.05)

@@ -108,9 +108,10 @@ class Ladder:
 
     def _prefetch(self, layer, result, plan, likely) -> None:
         """Groups that escalated, or were accepted with a bound above PREFETCH_MARGIN of their limit (`likely`
-        [Bd, Hkv]), will probably escalate at the next step: start fetching the blocks the ladder would pick among
-        those attention still reads quantized (keys by mass, as rung 2 does; values by sum p eta, as rung 1 does), so
-        that the transfer overlaps the rest of this step."""
+        [Bd, Hkv]), will probably escalate at the next step: the blocks the ladder would pick among those attention
+        still reads quantized (keys by mass, as rung 2 does; values by sum p eta, as rung 1 does) are chosen here, on
+        the device, and fetched after the step (prefetch_chosen: one host read for every layer), so that the
+        transfer overlaps the next step."""
         if not self.cache.copy.enabled or plan.view.block_tables.shape[1] == 0:
             return
         view, tables = plan.view, plan.view.block_tables
@@ -119,11 +120,26 @@ class Ladder:
         quantized = view.full[:, None, None, :] & (take(self.cache.layers[layer].slots, tables) < 0).permute(0, 2, 3, 1)
         top = torch.where(quantized, wanted, 0.0).topk(min(PREFETCH_BLOCKS, tables.shape[1]), dim=-1)
         blocks = tables.gather(1, top.indices.flatten(1)).view_as(top.indices)
-        tops = torch.where(top.values > 0, blocks, -1).tolist()  # [Bd][Hkv][kind][K], -1: nothing worth fetching
-        for i, h in likely.nonzero().tolist():
-            for kind, ranked in zip("kv", tops[i][h]):
-                if chosen := [b for b in ranked if b >= 0]:
-                    self.cache.prefetch(layer, chosen, h, kind)
+        chosen = torch.where((top.values > 0) & likely[:, :, None, None], blocks, -1)  # -1: nothing to fetch
+        plan.prefetches.append((layer, chosen))
+
+    def prefetch_chosen(self, plan) -> None:
+        """Starts the step's prefetches: every layer's choices read back at once."""
+        if not plan.prefetches:
+            return
+        layers, chosen = zip(*plan.prefetches)
+        plan.prefetches.clear()
+        flat = torch.cat([c.flatten() for c in chosen]).tolist()  # one device sync for the whole step
+        offset = 0
+        for layer, tensor in zip(layers, chosen):
+            batch, heads, kinds, count = tensor.shape
+            for i in range(batch):
+                for h in range(heads):
+                    for kind in range(kinds):
+                        ranked = flat[offset + ((i * heads + h) * kinds + kind) * count:][:count]
+                        if picked := [b for b in ranked if b >= 0]:
+                            self.cache.prefetch(layer, picked, h, "kv"[kind])
+            offset += tensor.numel()
 
     def _escalate(self, layer, q, result, plan, batch, scale, radius, tol, over, broken, state):
         out, bound, limit, rung = state

@@ -84,6 +84,7 @@ class StepPlan:
     auditing: bool  # some row is in audit mode
     decode_only: bool  # every row of the step is a tier-1 decode, in row order
     tally: Tally | None
+    prefetches: list = field(default_factory=list)  # (layer, chosen blocks [Bd, Hkv, 2, K]) to fetch after the step
     window: int | None = None  # the sliding window this plan's view applies (None: whole contexts)
     windowed: dict = field(default_factory=dict)  # window -> this plan with that window's view (built on first use)
 
@@ -239,6 +240,7 @@ class TieredKVCache:
         plan: StepPlan = batch.cache_meta
         if plan.tally is None:
             return
+        self.ladder.prefetch_chosen(plan)
         self.ladder.account(plan)
         tally = plan.tally
         evaluations, rungs = tally.evaluations.tolist(), tally.rungs.tolist()
