@@ -1,4 +1,4 @@
-"""The certificate (DESIGN.md section 3) as pure functions of tensors. Read it next to the notation there.
+"""The certificate as pure functions of tensors (docs/certificate.md explains it with the same notation).
 
 For one query head at one step: q, scale tau, token j with reference k_j, v_j and stored k^_j, v^_j. P = tokens whose
 keys are exact (promoted blocks, the trailing partial block), T = the rest. p = softmax(tau q.k), p^ = softmax(tau q.k^),

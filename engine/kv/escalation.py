@@ -1,4 +1,4 @@
-"""The escalation ladder (DESIGN.md section 4) for one layer of one step.
+"""The escalation ladder (docs/certificate.md, "The ladder") for one layer of one step.
 
 Groups are (sequence, KV head): promotions are shared by the group's query heads. A group leaves rung 0 when any of
 its certified/audit heads is over its threshold. Then:
