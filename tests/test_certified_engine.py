@@ -79,6 +79,7 @@ def test_default_model_modes(default_model, bits):
         assert agreement(audited, reference, ties) >= 0.9  # measured 1.0 (0.82 counting a tie at a 0.003 gap)
 
 
+@pytest.mark.slow  # the default model twice in audit mode: 187 s on a busy 2-core machine
 def test_kernel_path_rechecks_failing_groups_with_the_twin(default_model, monkeypatch):
     """The Triton kernel bounds block spreads by the triangle form (no O . P_b in its one pass). Emulated here on
     CPU (the twin with out_dots dropped, and kernel_decodes saying so), the ladder re-certifies failing groups
