@@ -54,6 +54,7 @@ class EngineConfig:
     prefetch: bool | None = None  # tier-2 fetches likely at the next step start early (copy stream / worker
     # thread); None: on with CUDA, off on a CPU (where a fetch is a memcpy and nothing overlaps it)
     prefetch_blocks: int = 512  # per layer: prefetched pieces held on the device until used (oldest dropped past it)
+    enable_prefix_caching: bool = True  # full blocks of a prompt found cached are shared, not recomputed
 
     def __post_init__(self) -> None:
         _require(self.device in DEVICES, "device", f"must be one of {DEVICES}")
@@ -82,6 +83,16 @@ class EngineConfig:
 
     def replace(self, **changes) -> EngineConfig:
         return dataclasses.replace(self, **changes)
+
+    def cache_salt(self, spec: ModelSpec) -> str:
+        """Everything besides the tokens that decides what a KV block holds: blocks are shared only under the same
+        salt (engine.block_manager). The tiered cache's blocks carry codes and annotations of one quantizer."""
+        kind = "dense"
+        if self.tiered:
+            kind = f"tiered {self.quantizer} k{self.k_bits} v{self.v_bits}"
+            if "headq" in self.quantizer.split("/"):
+                kind += f" rank{self.headq_rank} side{self.headq_bits} basis={self.headq_basis}"
+        return "|".join((spec.model_id, spec.architecture, spec.dtype, kind, f"block{self.block_size}"))
 
 
 @dataclass(frozen=True, slots=True)

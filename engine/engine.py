@@ -50,6 +50,8 @@ class LiveStats:
     prefetch_hits: int
     prefetch_misses: int
     certified_fraction: float  # rung-0 evaluations among the certified evaluations of finished requests
+    prefix_cache_queries: int = 0  # tokens of admitted requests looked up in the prefix cache, so far
+    prefix_cache_hits: int = 0  # of those, tokens found cached
 
 
 @dataclass(slots=True)
@@ -67,7 +69,8 @@ class LLMEngine:
         self.tokenizer = self.runner.tokenizer
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.spec.max_model_len, num_blocks=self.spec.num_kv_blocks, block_size=config.block_size))
+            max_model_len=self.spec.max_model_len, num_blocks=self.spec.num_kv_blocks, block_size=config.block_size,
+            enable_prefix_caching=config.enable_prefix_caching, cache_salt=config.cache_salt(self.spec)))
         self._rungs = [0, 0]  # rung-0 and all certified evaluations of finished requests
 
     def step(self) -> list[RequestOutput]:
@@ -94,7 +97,8 @@ class LLMEngine:
             kv_usage=(blocks - scheduler.blocks.num_free) / blocks, preemptions=scheduler.num_preemptions,
             tier_bytes=cache.tier_bytes(blocks - scheduler.blocks.num_free),
             prefetch_hits=hits, prefetch_misses=misses,
-            certified_fraction=self._rungs[0] / self._rungs[1] if self._rungs[1] else 1.0)
+            certified_fraction=self._rungs[0] / self._rungs[1] if self._rungs[1] else 1.0,
+            prefix_cache_queries=scheduler.prefix_queries, prefix_cache_hits=scheduler.prefix_hits)
 
     def _scheduled(self, output: SchedulerOutput) -> list[Request]:
         return [self.scheduler.requests[item.request_id] for item in output.scheduled]
@@ -129,6 +133,7 @@ class LLMEngine:
             return requests, sample(logits, requests, [r.extra.sampler for r in requests])
         except ShadowError as exc:  # exactness impossible for these requests only
             log.error("step abandoned: %s", exc)
+            self.scheduler.blocks.forget(self.runner.cache.corrupt_blocks())  # no later request shares them
             failed = {rid: DataLoss(f"{exc.reason}: the exact fallback is impossible") for rid in exc.request_ids}
         except Exception:
             log.exception("engine step failed")
@@ -262,7 +267,7 @@ class LLMEngine:
             time_to_first_token_s=request.first_token_time - request.arrival_time,
             total_time_s=now - request.arrival_time,
             queue_time_s=(request.first_scheduled_time or now) - request.arrival_time,
-            preemptions=request.num_preemptions)
+            preemptions=request.num_preemptions, cached_tokens=request.num_cached_tokens or 0)
         return RequestOutput(request.request_id, (token,), detokenizer.take(final=True),
                              (logprob,) if logprob else (), request.finish_reason, usage, request.extra.sampler.seed,
                              certificate, escalations)

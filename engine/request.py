@@ -130,6 +130,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at the first admission
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     extra: Any = None  # per-request engine state (sampler generator, detokenizer), owned by LLMEngine
@@ -188,6 +189,7 @@ class Usage:
     total_time_s: float
     queue_time_s: float
     preemptions: int
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not computed for this request)
 
 
 @dataclass(frozen=True, slots=True)

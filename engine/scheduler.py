@@ -7,6 +7,11 @@ its counter goes back to zero and it waits at the head of the queue, keeping the
 oldest request therefore always progresses, and a request whose prompt + max_new_tokens fits the pool always
 finishes.
 
+With prefix caching, a waiting request starts from the longest cached prefix of full blocks of its tokens (shared,
+never written: engine.block_manager), its counter set past them, so that only the rest runs; blocks are offered to the
+cache once their K/V are written (`update`). Cached tokens cost no budget; counts of queried and hit tokens are kept
+for metrics (vLLM's prefix_cache_queries and prefix_cache_hits), and each request keeps its first admission's count.
+
 Paused requests (their client is not reading) are never scheduled and never hold what a reading request needs:
 they keep their blocks and batch slot only while nobody else wants them. They are the first victims of
 preemption, both when blocks run out and when a waiting request finds the batch full; a paused request that waits
@@ -30,6 +35,8 @@ class SchedulerConfig:
     max_model_len: int
     num_blocks: int
     block_size: int
+    enable_prefix_caching: bool = False
+    cache_salt: str = ""  # what makes blocks of the same tokens incompatible (engine.block_manager)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,11 +61,14 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, config: SchedulerConfig):
         self.config = config
-        self.blocks = BlockManager(config.num_blocks, config.block_size)
+        self.blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching,
+                                   config.cache_salt)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.prefix_queries = 0  # tokens of admitted requests looked up in the prefix cache
+        self.prefix_hits = 0  # of those, tokens found cached
         self.paused: set[str] = set()  # running requests whose client is behind: kept, not scheduled
         self._arrival: dict[str, int] = {}
         self._counter = itertools.count()
@@ -122,6 +132,7 @@ class Scheduler:
             if request is None:
                 continue
             request.num_computed_tokens += len(item.token_ids)
+            self.blocks.commit(item.request_id, request.token_ids, request.num_computed_tokens)
             if not item.sample:
                 continue
             token = sampled[item.request_id]
@@ -135,20 +146,32 @@ class Scheduler:
         """Admits waiting requests in order (paused ones skipped) while the budget, the batch and the blocks allow,
         preempting paused running requests to make room."""
         for request in [r for r in self.waiting if r.request_id not in self.paused]:
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new <= 0 or not self._make_room(request, num_new, preempted):
+            cached = self.blocks.lookup(request.request_id, request.token_ids)
+            computed = len(cached) * self.config.block_size
+            num_new = min(request.num_tokens - computed, budget)
+            if num_new <= 0 or not self._make_room(request, computed + num_new, cached, preempted):
                 break
             self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            scheduled[request.request_id] = self._schedule(request, num_new)
+            self._count_hits(request, computed)
+            scheduled[request.request_id] = self._schedule(request, num_new, cached)
             budget -= num_new
         return budget
 
-    def _make_room(self, request: Request, num_new: int, preempted: list[str]) -> bool:
-        """A batch slot and the blocks for `request`, preempting paused running requests (newest first) if need be."""
+    def _count_hits(self, request: Request, computed: int) -> None:
+        request.num_computed_tokens = computed
+        if request.num_cached_tokens is None:
+            request.num_cached_tokens = computed
+        if self.config.enable_prefix_caching:
+            self.prefix_queries += request.num_tokens
+            self.prefix_hits += computed
+
+    def _make_room(self, request: Request, num_tokens: int, cached: list[int], preempted: list[str]) -> bool:
+        """A batch slot and the blocks for `request` to hold `num_tokens` tokens from its cached blocks on,
+        preempting paused running requests (newest first) if need be."""
         while (len(self.running) >= self.config.max_num_seqs
-               or not self.blocks.can_allocate(request.request_id, request.num_computed_tokens + num_new)):
+               or not self.blocks.can_allocate(request.request_id, num_tokens, cached)):
             paused = [r for r in self.running if r.request_id in self.paused]
             if not paused:
                 return False
@@ -157,9 +180,9 @@ class Scheduler:
             preempted.append(victim.request_id)
         return True
 
-    def _schedule(self, request: Request, num_new: int) -> ScheduledRequest:
+    def _schedule(self, request: Request, num_new: int, cached: list[int] = ()) -> ScheduledRequest:
         start = request.num_computed_tokens
-        self.blocks.allocate(request.request_id, start + num_new)
+        self.blocks.allocate(request.request_id, start + num_new, cached)
         return ScheduledRequest(
             request_id=request.request_id,
             token_ids=request.token_ids[start : start + num_new],

@@ -291,7 +291,8 @@ def test_release_returns_slots():
     for rid in ("a", "b"):
         h.cache.release(rid)
         assert h.cache.pop_stats(rid) is not None and h.cache.pop_stats(rid) is None
-    assert h.cache.in_use() == {"slots": 0, "scratch_pieces": 0, "stats": 0, "tracked_requests": 0, "pending_copies": 0}
+    assert h.cache.in_use() == {"slots": 0, "scratch_pieces": 0, "stats": 0, "tracked_requests": 0, "held_blocks": 0,
+                                "pending_copies": 0}
     assert sorted(h.cache._free_slots) == list(range(4))
 
 

@@ -32,6 +32,9 @@ class KVCache(Protocol):
     def drain_records(self) -> list:
         """Escalation records since the last call (engine.kv.stats.EscalationRecord)."""
 
+    def corrupt_blocks(self) -> list[int]:
+        """Blocks whose stored data failed a check since the last call: the prefix cache must not share them again."""
+
     def tier_bytes(self, blocks_used: int) -> dict[str, int]:
         """Bytes held per tier with `blocks_used` blocks allocated (for metrics)."""
 

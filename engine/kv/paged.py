@@ -1,4 +1,5 @@
-"""Dense paged KV cache: per layer, K and V as [num_blocks, block_size, Hkv, D] in the model's dtype."""
+"""Dense paged KV cache: per layer, K and V as [num_blocks, block_size, Hkv, D] in the model's dtype. A block shared
+by prefix caching needs nothing here: it is only read (the scheduler never lets a sequence write into it)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ class PagedKVCache:
         return None
 
     def drain_records(self) -> list:
+        return []
+
+    def corrupt_blocks(self) -> list[int]:
         return []
 
     def prefetch_counts(self) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""TieredKVCache: the certified cache behind the KVCache seam (DESIGN.md section 2).
+"""TieredKVCache: the certified cache behind the KVCache seam (docs/architecture.md, "Tiers").
 
 Tier 1 (device) holds, per layer, every full block quantized (engine.kv.quantizers) with its error annotations
 eps_b and eta_b measured at write time, each sequence's trailing partial block exact until it fills (then it is
@@ -6,6 +6,13 @@ quantized at once), and a bounded scratch of promoted exact blocks. Tier 2 holds
 the model produced them, in the dense cache's layout, on the host (pinned on CUDA; plain memory on CPU). Per
 sequence and layer, a value centre c (the mean of the first chunk's values) and the radius R = max ||v_j - c|| over
 every token written.
+
+Prefix caching shares full blocks between sequences: a shared block's codes, metadata, annotations, shadow, checksum
+and scratch pieces serve every sequence holding it, and no sequence writes into a block another holds. A block's
+scratch pieces and prefetches are dropped when its last holder leaves (`holders`). Each filled block also stores a
+summary of its exact values per KV head (block_mean m_b, block_reach r_b >= max ||v_j - m_b||, on the host beside
+the shadows), from which a sequence that starts after shared blocks gets a centre and radius covering them
+(_start_shared).
 
 Attention by request mode: prefill chunks and dense/exact decodes read tier 2 through the dense functions (so
 exact mode is bit for bit the dense result); quantized/certified/audit decodes run certified_decode on tier 1, and
@@ -109,6 +116,11 @@ class TieredKVCache:
         self.radius = [torch.zeros(max_seqs, num_kv_heads, device=device) for _ in range(num_layers)]
         self.slots: dict[str, int] = {}
         self.blocks: dict[str, list[int]] = {}  # each live request's block table, as of its last step
+        self.holders: dict[int, int] = {}  # block -> live requests holding it (prefix caching shares blocks)
+        # Per layer, filled block and KV head: the mean of its exact values and a radius around it (host, float32)
+        self.block_mean = torch.zeros(num_layers, num_blocks, num_kv_heads, head_dim)
+        self.block_reach = torch.zeros(num_layers, num_blocks, num_kv_heads)
+        self._corrupt: set[int] = set()  # blocks that failed verification, for corrupt_blocks()
         self._free_slots = list(range(max_seqs - 1, -1, -1))
         self.stats: dict[str, CertificateStats] = {}
         self.records: list[EscalationRecord] = []
@@ -158,7 +170,8 @@ class TieredKVCache:
         return self.tier1_bytes(self.quantizer, self.head_dim, self.block_size)
 
     def tier2_bytes_per_token(self) -> float:
-        return 2 * self.head_dim * self.dtype.itemsize
+        """Shadows, and the blocks' value summaries (block_mean, block_reach)."""
+        return 2 * self.head_dim * self.dtype.itemsize + (self.head_dim + 1) * 4 / self.block_size
 
     def prefetch_counts(self) -> tuple[int, int]:
         return self.copy.stats.hits, self.copy.stats.misses
@@ -181,34 +194,88 @@ class TieredKVCache:
         return records
 
     def release(self, request_id: str) -> None:
-        """Frees the request's slot and drops its promoted blocks from every layer's scratch."""
+        """Frees the request's slot; the scratch pieces and prefetches of blocks no other live request holds go."""
         slot = self.slots.pop(request_id, None)
         if slot is not None:
             self._free_slots.append(slot)
-        blocks = self.blocks.pop(request_id, None)
-        if blocks:
-            index = torch.tensor(blocks, device=self.device)
+        unheld = []
+        for block in self.blocks.pop(request_id, ()):
+            self.holders[block] -= 1
+            if not self.holders[block]:
+                del self.holders[block]
+                unheld.append(block)
+        if unheld:
+            index = torch.tensor(unheld, device=self.device)
             for layer, scratch in enumerate(self.scratch):
                 scratch.invalidate(index)
-                self.copy.invalidate(layer, blocks)
+                self.copy.invalidate(layer, unheld)
+
+    def corrupt_blocks(self) -> list[int]:
+        """Blocks whose shadows failed their checksum since the last call."""
+        blocks, self._corrupt = sorted(self._corrupt), set()
+        return blocks
 
     def in_use(self) -> dict[str, int]:
         """Live per-request state, for leak checks: all zeros once every request has ended."""
         return {"slots": len(self.slots), "scratch_pieces": sum(s.used() for s in self.scratch),
-                "stats": len(self.stats), "tracked_requests": len(self.blocks), "pending_copies": self.copy.pending()}
+                "stats": len(self.stats), "tracked_requests": len(self.blocks), "held_blocks": len(self.holders),
+                "pending_copies": self.copy.pending()}
 
     # ---- the KVCache seam ---------------------------------------------------------------------------------------
     def prepare(self, batch: ForwardBatch) -> None:
         self._settle()
+        shared = []  # sequences whose first step starts after cached blocks
         for seq, (rid, kv, blocks, client) in enumerate(zip(batch.request_ids, batch.kv, batch.block_ids,
                                                             batch.client_ids)):
             if rid not in self.slots:
                 self.slots[rid] = self._free_slots.pop()
-            self.blocks[rid] = blocks
+                if batch.starts[seq]:
+                    shared.append(seq)
+            self._hold(rid, blocks)
             self.register(rid, kv.mode, kv.tolerance)
             if batch.starts[seq] >= self.block_size:
                 self._inject(client, blocks[0])
+        if shared:
+            self._start_shared(batch, shared)
         batch.cache_meta = StepPlan(write=self._write_plan(batch), **self._decode_plan(batch))
+
+    def _hold(self, request_id: str, blocks: list[int]) -> None:
+        """The request's table as of this step (it only grows while the request lives)."""
+        known = self.blocks.get(request_id, ())
+        assert len(blocks) >= len(known), "a block table shrank"
+        for block in blocks[len(known):]:
+            self.holders[block] = self.holders.get(block, 0) + 1
+        self.blocks[request_id] = blocks
+
+    def _start_shared(self, batch: ForwardBatch, seqs: list[int]) -> None:
+        """Sequences starting after n shared blocks (prefix caching): no write of theirs saw those tokens, so their
+        centre and radius come from the blocks' summaries: c = m of the first block and R = max_b (||m_b - c|| + r_b)
+        >= max_j ||v_j - c|| over the shared tokens, by the triangle inequality (float64, rounded up); their own
+        tokens then grow R as for any sequence. Set first, before anything that can fail. Then the first block (the
+        attention sink) goes exact into the scratch from its verified shadow, as a writer keeps it (_keep_filled)."""
+        bs = self.block_size
+        for seq in seqs:
+            start, blocks = batch.starts[seq], batch.block_ids[seq]
+            assert start % bs == 0, "a sequence starts inside a shared block"
+            index = torch.tensor(blocks[:start // bs])
+            means = self.block_mean[:, index].double()  # [L, n, Hkv, D]
+            centre = means[:, 0]
+            reach = (means - centre[:, None]).norm(dim=-1) + self.block_reach[:, index].double()  # [L, n, Hkv]
+            radius = _round_up(reach.amax(dim=1)).to(self.device)  # [L, Hkv]
+            centre = centre.float().to(self.device)
+            slot = self.slots[batch.request_ids[seq]]
+            for layer in range(len(self.layers)):
+                self.centre[layer][slot], self.radius[layer][slot] = centre[layer], radius[layer]
+        firsts = sorted({batch.block_ids[s][0] for s in seqs})
+        index, capacity = torch.tensor(firsts), self.scratch[0].capacity
+        blocks = index.repeat_interleave(self.kv_heads).to(self.device)[:capacity]
+        heads = torch.arange(self.kv_heads, device=self.device).repeat(len(firsts))[:capacity]
+        for layer, scratch in enumerate(self.scratch):
+            self.verify(layer, [batch.request_ids[s] for s in seqs], [batch.block_ids[s][:1] for s in seqs],
+                        [batch.client_ids[s] for s in seqs])
+            for kind, shadow in (("k", self.shadow_k[layer]), ("v", self.shadow_v[layer])):
+                data = shadow[index].transpose(1, 2).flatten(0, 1)[:capacity]  # [n * Hkv, bs, D]
+                scratch.put(kind, blocks, heads, data.to(self.device))
 
     def forward(self, layer, q, k, v, batch, scale, window: int | None = None):
         plan = self._windowed(batch, window)
@@ -265,6 +332,7 @@ class TieredKVCache:
             ok = _checksum(self.shadow_k[layer][index], self.shadow_v[layer][index]) == self.checksums[layer][index]
             verified[index[ok]] = True
             failed = set(index[~ok].tolist())
+            self._corrupt |= failed
             bad += [rid for rid, full in zip(request_ids, blocks) if rid not in bad and failed.intersection(full)]
         if bad:
             raise ShadowError(bad, "tier-2 shadow missing or corrupt")
@@ -416,6 +484,7 @@ class TieredKVCache:
             self._queue(lambda: self._store_checksums(layer, host, staged))
         else:
             self._store_checksums(layer, host, sums)
+        self._summarise(layer, host, values)
         written = quantize_blocks(keys, values, q)
         k_codes, v_codes = written.keys, written.values
         tier1.k_codes[blocks], tier1.k_scale[blocks], tier1.k_zero[blocks] = k_codes.codes, k_codes.scale, k_codes.zero
@@ -423,6 +492,21 @@ class TieredKVCache:
         tier1.block_notes[blocks], tier1.token_notes[blocks] = written.block_notes, written.token_notes
         self.scratch[layer].invalidate(blocks)
         self.copy.invalidate(layer, filled)
+
+    def _summarise(self, layer: int, blocks: torch.Tensor, values: torch.Tensor) -> None:
+        """Per filled block (blocks: host) and KV head, from its exact values [N, Hkv, bs, D]: the mean m_b (float32)
+        and r_b >= max_j ||v_j - m_b|| (float64, rounded up), for sequences that will share the block."""
+        exact = values.double()
+        mean = exact.mean(dim=2).float()
+        reach = _round_up((exact - mean.double()[:, :, None]).norm(dim=-1).amax(dim=-1))
+        if self._deferred:
+            staged = [self._stage((layer, name), x) for name, x in (("mean", mean), ("reach", reach))]
+            self._queue(lambda: self._store_summaries(layer, blocks, *staged))
+        else:
+            self._store_summaries(layer, blocks, mean, reach)
+
+    def _store_summaries(self, layer: int, blocks: torch.Tensor, mean: torch.Tensor, reach: torch.Tensor) -> None:
+        self.block_mean[layer][blocks], self.block_reach[layer][blocks] = mean.cpu(), reach.cpu()
 
     def _store_checksums(self, layer: int, blocks: torch.Tensor, sums: torch.Tensor) -> None:
         self.checksums[layer][blocks] = sums
@@ -462,6 +546,7 @@ class TieredKVCache:
             slot, start, row0 = self.slots[rid], batch.starts[seq], batch.query_starts[seq]
             end, blocks = start + batch.query_len(seq), batch.block_ids[seq]
             lists["row_slots"] += [slot] * (end - start)
+            assert self.holders[blocks[start // bs]] == 1, "a sequence would write into a block another one holds"
             if start == 0:
                 lists["fresh_rows"] += range(row0, row0 + end - start)
             if start == 0:
@@ -560,6 +645,12 @@ class TieredKVCache:
     def prefetch(self, layer: int, blocks: list[int], head: int, kind: str) -> None:
         self._settle()
         self.copy.prefetch(layer, kind, self.shadow_k[layer] if kind == "k" else self.shadow_v[layer], blocks, head)
+
+
+def _round_up(x: torch.Tensor) -> torch.Tensor:
+    """float64 -> a float32 at least as large (covering the float64 rounding of a short computation, 2^-40)."""
+    x = (x * (1 + 2.0**-40)).float()
+    return torch.nextafter(x, torch.full_like(x, float("inf")))
 
 
 def _checksum(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
