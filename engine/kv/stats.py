@@ -21,7 +21,7 @@ def ratio_bins(ratios: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True, slots=True)
 class EscalationRecord:
-    """One KV group of one sequence that left rung 0 at one layer and step (DESIGN.md section 4)."""
+    """One KV group of one sequence that left rung 0 at one layer and step (docs/certificate.md, "The ladder")."""
 
     request_id: str  # the caller's id
     layer: int
