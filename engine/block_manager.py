@@ -53,6 +53,13 @@ class BlockManager:
     def table(self, request_id: str) -> list[int]:
         return self._tables.get(request_id, [])
 
+    def refcount(self, block: int) -> int:
+        return self._refcount[block]
+
+    def cached(self, block: int) -> bool:
+        """Whether the block is registered in the prefix cache (held or free)."""
+        return block in self._hash_of
+
     def num_missing(self, request_id: str, num_tokens: int, cached: list[int] = ()) -> int:
         """Blocks to add, beyond `cached`, so that `request_id` can hold `num_tokens` tokens."""
         return max(0, self.blocks_for(num_tokens) - len(self.table(request_id)) - len(cached))
@@ -105,8 +112,9 @@ class BlockManager:
         to compute; [] without caching."""
         if not self.caching:
             return []
-        blocks = []
-        for digest in self._chain(request_id, token_ids, (len(token_ids) - 1) // self.block_size):
+        blocks, count = [], (len(token_ids) - 1) // self.block_size
+        held = request_id in self._tables  # hashes are kept for requests holding blocks only (free drops them)
+        for digest in self._chain(request_id if held else None, token_ids, count):
             block = self._block_of.get(digest)
             if block is None:
                 break
@@ -141,9 +149,10 @@ class BlockManager:
                 del self._evictable[block]
                 self._free.append(block)
 
-    def _chain(self, request_id: str, token_ids: list[int], num_blocks: int) -> list[bytes]:
-        """The hash chain of the request's first `num_blocks` full blocks, extended as tokens become known."""
-        chain = self._chains.setdefault(request_id, [])
+    def _chain(self, request_id: str | None, token_ids: list[int], num_blocks: int) -> list[bytes]:
+        """The hash chain of the request's first `num_blocks` full blocks, kept and extended as tokens become known
+        (request_id None: computed, not kept)."""
+        chain = [] if request_id is None else self._chains.setdefault(request_id, [])
         bs = self.block_size
         while len(chain) < num_blocks:
             i = len(chain)
@@ -175,5 +184,6 @@ class BlockManager:
         assert all(self._block_of[d] == b for b, d in self._hash_of.items()), "hash tables disagree"
         assert evictable <= set(self._hash_of) and not free & set(self._hash_of), "a free block's cache state is wrong"
         assert self.caching or not self._hash_of, "blocks cached with caching off"
+        assert set(self._chains) | set(self._committed) <= set(self._tables), "hashes kept for a request holding nothing"
         for rid, done in self._committed.items():
-            assert done <= len(self._tables.get(rid, ())), "more blocks committed than held"
+            assert done <= len(self._tables[rid]), "more blocks committed than held"

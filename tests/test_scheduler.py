@@ -1,9 +1,11 @@
 """Scheduler with no model: a fake runner replays every scheduled chunk and checks the positions it gets."""
 
+import itertools
 import random
 
 import pytest
 from hypothesis import given, settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from hypothesis import strategies as st
 
 from engine.request import FinishReason, Request, RequestStatus, SamplingParams, StoppingParams
@@ -285,3 +287,128 @@ def test_random_pauses_never_block_a_reader(seed, num_blocks, budget, max_seqs):
     scheduler.paused.clear()
     run_to_completion(scheduler, runner)
     assert scheduler.blocks.num_free == num_blocks
+
+
+# ---- prefix caching (issue 22) -------------------------------------------------------------------------------------
+SYSTEM_PROMPTS = ([5] * 13, list(range(40, 61)), list(range(40, 48)) + [9] * 6)  # shared heads, partly shared
+
+
+def make_caching_scheduler(num_blocks=24, block_size=4, budget=16, max_seqs=4, max_len=96):
+    return Scheduler(SchedulerConfig(max_seqs, budget, max_len, num_blocks, block_size, enable_prefix_caching=True))
+
+
+class KVRunner:
+    """A fake model for prefix caching: the 'K/V' a token leaves in its slot is a digest of its whole prefix, as a real
+    model's are. Each step checks that a scheduled request reads, at every position before its chunk, its own
+    prefix's digest (cached blocks hold what it would have computed), and that it writes only into blocks nobody else
+    holds."""
+
+    def __init__(self, scheduler, seed=0):
+        self.scheduler = scheduler
+        self.kv: dict[int, int] = {}  # slot -> digest
+        self.rng = random.Random(seed)
+
+    def step(self):
+        scheduler, bs = self.scheduler, self.scheduler.config.block_size
+        out = scheduler.schedule()
+        sampled = {}
+        for item in out.scheduled:
+            request = scheduler.requests[item.request_id]
+            end = item.start + len(item.token_ids)
+            assert item.token_ids == request.token_ids[item.start:end] and end <= request.num_tokens
+            digests = list(itertools.accumulate(request.token_ids[:end], lambda d, t: hash((d, t)), initial=0))[1:]
+            slots = [item.block_ids[p // bs] * bs + p % bs for p in range(end)]
+            assert all(self.kv.get(slots[p]) == digests[p] for p in range(item.start)), "read someone else's K/V"
+            for p in range(item.start, end):
+                assert scheduler.blocks.refcount(item.block_ids[p // bs]) == 1, "wrote into a shared block"
+                self.kv[slots[p]] = digests[p]
+            if item.sample:
+                sampled[item.request_id] = self.rng.randrange(1, 4)
+        finished = scheduler.update(out, sampled)
+        scheduler.check_invariants()
+        return out, finished
+
+
+class CachingSchedulerMachine(RuleBasedStateMachine):
+    """Arrivals with shared system prompts, steps, aborts, pauses and resumes on a small pool (preemption), with the
+    prefix cache on; at the end every request ended exactly once and every block is free."""
+
+    def __init__(self):
+        super().__init__()
+        self.scheduler = make_caching_scheduler()
+        self.runner = KVRunner(self.scheduler)
+        self.added, self.ended = [], []
+
+    @rule(head=st.integers(0, len(SYSTEM_PROMPTS) - 1), cut=st.integers(0, 21),
+          turn=st.lists(st.integers(1, 3), max_size=6), max_new=st.integers(1, 12))
+    def add(self, head, cut, turn, max_new):
+        rid = f"r{len(self.added)}"
+        prompt = (SYSTEM_PROMPTS[head][:cut] + turn) or [1]
+        self.scheduler.add(Request(rid, prompt, SamplingParams(), StoppingParams(max_new), eos_token_ids=(EOS,)))
+        self.added.append(rid)
+
+    @rule(steps=st.integers(1, 4))
+    def step(self, steps):
+        for _ in range(steps):
+            self.ended += [r.request_id for r in self.runner.step()[1]]
+
+    @precondition(lambda self: self.scheduler.requests)
+    @rule(data=st.data())
+    def abort(self, data):
+        rid = data.draw(st.sampled_from(sorted(self.scheduler.requests)))
+        self.ended.append(self.scheduler.finish(rid, FinishReason.ABORTED).request_id)
+
+    @precondition(lambda self: self.scheduler.requests)
+    @rule(data=st.data())
+    def toggle_pause(self, data):
+        rid = data.draw(st.sampled_from(sorted(self.scheduler.requests)))
+        paused = self.scheduler.paused
+        (paused.discard if rid in paused else paused.add)(rid)
+
+    @invariant()
+    def consistent(self):
+        self.scheduler.check_invariants()
+        assert self.scheduler.prefix_hits <= self.scheduler.prefix_queries
+
+    def teardown(self):
+        self.scheduler.paused.clear()
+        self.ended += [r.request_id for r in run_to_completion(self.scheduler, self.runner)]
+        assert sorted(self.ended) == sorted(self.added), "a request ended twice or never"
+        assert self.scheduler.blocks.num_free == 24
+        self.scheduler.blocks.check_invariants()
+
+
+TestCachingScheduler = CachingSchedulerMachine.TestCase
+TestCachingScheduler.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+
+
+def test_a_shared_prompt_is_computed_once():
+    scheduler = make_caching_scheduler(budget=64)
+    runner = KVRunner(scheduler)
+    system = SYSTEM_PROMPTS[1]  # 21 tokens: 5 full blocks
+    scheduler.add(Request("first", system + [1], SamplingParams(), StoppingParams(3), eos_token_ids=(EOS,)))
+    run_to_completion(scheduler, runner)
+    scheduler.add(Request("second", system + [2, 3], SamplingParams(), StoppingParams(3), eos_token_ids=(EOS,)))
+    out, _ = runner.step()
+    (item,) = out.scheduled
+    assert (item.start, item.token_ids) == (20, system[20:] + [2, 3])  # 5 blocks shared, the rest computed
+    assert scheduler.requests["second"].num_cached_tokens == 20
+    assert (scheduler.prefix_queries, scheduler.prefix_hits) == (22 + 23, 20)
+    run_to_completion(scheduler, runner)
+    scheduler.add(Request("again", system, SamplingParams(), StoppingParams(2), eos_token_ids=(EOS,)))
+    out, _ = runner.step()  # its whole prompt is cached: the last block runs again, for the logits
+    assert (out.scheduled[0].start, len(out.scheduled[0].token_ids)) == (20, 1)
+    run_to_completion(scheduler, runner)
+    assert scheduler.blocks.num_free == 24
+
+
+def test_a_preempted_request_resumes_from_its_own_cached_blocks():
+    scheduler = make_caching_scheduler(num_blocks=6, budget=64)
+    runner = KVRunner(scheduler)
+    for rid in ("old", "new"):
+        scheduler.add(make_request(rid, 8, max_new=12))
+    starts = []
+    while scheduler.has_unfinished():
+        out, _ = runner.step()
+        starts += [s.start for s in out.scheduled if s.request_id == "new" and len(s.token_ids) > 1]
+    assert scheduler.num_preemptions and max(starts) > 0, starts  # recompute skipped what stayed cached
