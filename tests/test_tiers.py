@@ -63,6 +63,13 @@ class Harness:
         self.cache.end_step(batch)
         return batch, out
 
+    def share(self, source: str, rid: str, blocks: int) -> None:
+        """A new sequence `rid` starts from the first `blocks` full blocks of `source` (prefix caching): its next
+        step() writes after them, into blocks of its own."""
+        assert blocks * BS <= len(self.keys[source]) and rid not in self.keys
+        self.tables[rid] = self.tables[source][:blocks]
+        self.keys[rid], self.values[rid] = (x[source][:blocks * BS] for x in (self.keys, self.values))
+
     def reference(self, rid: str, q: torch.Tensor) -> torch.Tensor:
         """float64 attention of q [H, D] over the sequence's exact K/V -> [Hkv, G, D]."""
         return self.promise_scale(rid, q)[0]
