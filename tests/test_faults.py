@@ -15,8 +15,8 @@ from tests.serving import channel_to, collect, greedy, running_server, wait_quie
 PROMPT = list(range(400, 440))  # 40 tokens: two full blocks before the first decode
 
 
-def request(rid: str, mode=pb.CERTIFIED, tolerance=0.0001, max_new=12) -> pb.GenerateRequest:
-    message = greedy(PROMPT, max_new)
+def request(rid: str, mode=pb.CERTIFIED, tolerance=0.0001, max_new=12, prompt=PROMPT) -> pb.GenerateRequest:
+    message = greedy(prompt, max_new)
     message.request_id, message.kv.mode, message.kv.tolerance = rid, mode, tolerance  # tight: escalations read tier 2
     return message
 
@@ -38,7 +38,9 @@ def serve(tiny_llama, points: dict, scratch: int = 4):
 async def test_lost_or_corrupt_shadows_end_only_that_request_with_data_loss(tiny_llama, point):
     async with serve(tiny_llama, {point: {"request": "victim"}}) as server:
         async with channel_to(server) as (stub, _):
-            results = await asyncio.gather(outcome(stub, request("victim")), outcome(stub, request("bystander")))
+            # the bystander shares no block with the victim (tests/test_prefix_caching.py: sharers of a corrupt block)
+            results = await asyncio.gather(outcome(stub, request("victim")),
+                                           outcome(stub, request("bystander", prompt=[7] + PROMPT[1:])))
             after = await outcome(stub, request("after"))
         await wait_quiescent(server)
         assert not any(server.engine.runner.cache.in_use().values())
