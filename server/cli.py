@@ -63,6 +63,9 @@ def _engine(p: argparse.ArgumentParser) -> None:
     engine.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per forward pass")
     engine.add_argument("--max-model-len", type=int, default=None, help="context cap (default: the model's)")
     engine.add_argument("--max-new-tokens-default", type=int, default=256)
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="share the KV of full blocks of prompts across requests (--no-enable-prefix-caching: "
+                             "recompute every prompt, for comparisons)")
 
 
 def _kv(p: argparse.ArgumentParser) -> None:
@@ -162,7 +165,7 @@ def configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig, Telem
         tolerance=args.tolerance, k_bits=args.k_bits, v_bits=args.v_bits, quantizer=args.quantizer,
         headq_rank=args.headq_rank, headq_bits=args.headq_bits, headq_basis=args.headq_basis,
         scratch_blocks=args.scratch_blocks, shadow_memory=args.shadow_memory, prefetch={"auto": None, "on": True, "off": False}[args.prefetch],
-        prefetch_blocks=args.prefetch_blocks)
+        prefetch_blocks=args.prefetch_blocks, enable_prefix_caching=args.enable_prefix_caching)
     telemetry = TelemetryConfig(trace_exporter=args.trace_exporter, otlp_endpoint=args.otlp_endpoint,
                                 step_sample_ratio=args.trace_step_ratio,
                                 metrics_port=None if args.metrics_port < 0 else args.metrics_port,

@@ -153,7 +153,8 @@ def response(out: RequestOutput, request_id: str, token_text: Callable[[int], st
         u = out.usage
         msg.usage.CopyFrom(pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                                     time_to_first_token_s=u.time_to_first_token_s, total_time_s=u.total_time_s,
-                                    queue_time_s=u.queue_time_s, preemptions=u.preemptions))
+                                    queue_time_s=u.queue_time_s, preemptions=u.preemptions,
+                                    cached_tokens=u.cached_tokens))
         msg.seed = out.seed
         msg.certificate.CopyFrom(certificate(out.certificate))
     return msg
@@ -167,4 +168,4 @@ def model_info(spec: ModelSpec, config: EngineConfig) -> pb.ModelInfo:
         block_size=spec.block_size, num_kv_blocks=spec.num_kv_blocks,
         num_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_dim, has_chat_template=spec.has_chat_template,
-        max_new_tokens_default=config.max_new_tokens_default)
+        max_new_tokens_default=config.max_new_tokens_default, prefix_caching=config.enable_prefix_caching)

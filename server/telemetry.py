@@ -222,6 +222,12 @@ class _LiveCollector:
         preemptions = CounterMetricFamily("vllm:num_preemptions", "Preemptions by recompute.", labels=["model_name"])
         preemptions.add_metric(labels, s.preemptions)
         yield preemptions
+        for name, doc, value in (("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache (at "
+                                                               "each admission).", s.prefix_cache_queries),
+                                 ("vllm:prefix_cache_hits", "Of those, tokens found cached.", s.prefix_cache_hits)):
+            counter = CounterMetricFamily(name, doc, labels=["model_name"])
+            counter.add_metric(labels, value)
+            yield counter
         prefetch = CounterMetricFamily("certkv_prefetch", "Tier-2 pieces fetched, by whether a prefetch had them.",
                                        labels=["model_name", "result"])
         prefetch.add_metric(labels + ["hit"], s.prefetch_hits)
