@@ -19,11 +19,11 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup model proto serve test test-fast bench loadtest evaluate corpus clean
+.PHONY: help setup model proto serve test test-fast bench loadtest evaluate evaluate-long gpu-check corpus clean
 
 help: ## list the targets (this text)
 	@echo "usage: make TARGET [ARGS='server flags'] [PYTEST_ARGS='pytest flags']"
-	@awk -F ':.*## ' '/^[a-zA-Z0-9_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk -F ':.*## ' '/^[a-zA-Z0-9_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 setup: $(INSTALLED) $(STUBS) $(KERNELS) ## create .venv (torch 2.13.0 pinned by constraints.txt), the stubs, the CPU kernels
 
@@ -63,7 +63,7 @@ bench: setup $(MODEL) ## throughput benchmark (loadtest/bench_throughput.py)
 loadtest: setup $(MODEL) ## locust load test against a local server (loadtest/run_loadtest.py)
 	$(BIN)/python loadtest/run_loadtest.py
 
-# The development corpus (ENV.md): Ruth, Esther and Jonah from Debian's King James Bible, verse numbers stripped.
+# The development corpus: Ruth, Esther and Jonah from Debian's King James Bible, verse numbers stripped.
 CORPUS := .data/kjv.txt
 $(CORPUS):
 	command -v bible >/dev/null || apt-get install -y bible-kjv-text bible-kjv
@@ -75,6 +75,13 @@ corpus: $(CORPUS) ## the development corpus (.data/kjv.txt, from Debian's bible-
 
 evaluate: setup $(MODEL) $(CORPUS) ## quality of each KV mode against dense on the corpus (loadtest/bench_quality.py)
 	$(BIN)/python loadtest/bench_quality.py
+
+evaluate-long: setup $(MODEL) $(CORPUS) ## retrieval, perplexity, escalations and memory from 1K to 8K tokens (loadtest/bench_long.py)
+	$(BIN)/python loadtest/bench_long.py --json loadtest/results/long.json --plot docs/long-context.png
+
+DIR ?= loadtest/results/gpu-check
+gpu-check: setup $(MODEL) ## on a GPU: every kernel test and GPU benchmark in one run, JSON and logs in DIR
+	$(BIN)/python loadtest/gpu_check.py $(DIR)
 
 clean: ## remove .venv, the stubs and test caches (models stay in $CERTKV_HOME)
 	rm -rf $(VENV) server/pb .pytest_cache .hypothesis

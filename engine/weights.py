@@ -10,7 +10,7 @@ file's content, and `source.json` inside records the file's full SHA-256, checke
 changed file never reuses another file's conversion (a mismatch is refused, never served).
 
 <models> is $CERTKV_MODELS_DIR, by default $CERTKV_HOME/models, CERTKV_HOME defaulting to ~/.cache/certkv: the user's
-cache, never the source tree or site-packages. The compiled CPU kernels live in the same home (kernels.cpu.CACHE_HOME).
+cache, never the source tree or site-packages. The compiled CPU kernels live in the same home (kernels.home).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from kernels.cpu import CACHE_HOME
+from kernels.home import CACHE_HOME
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,12 @@ import ctypes
 import math
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-CACHE_HOME = Path(os.environ.get("CERTKV_HOME") or Path.home() / ".cache" / "certkv")
+from kernels.home import CACHE_HOME
+
 os.environ.setdefault("NUMBA_CACHE_DIR", str(CACHE_HOME / "numba"))  # read when numba is imported, just below
 try:
     import numba

@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"meta": meta}))
     print(table(rows))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     if args.plot:
         plot(rows, args.plot)
