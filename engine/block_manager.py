@@ -91,8 +91,8 @@ class BlockManager:
         return new
 
     def free(self, request_id: str) -> list[int]:
-        """Releases every block of the request (a no-op for an unknown request); returns the blocks no one holds any
-        more. Cached ones stay reusable; the last block goes first, so eviction takes a chain's tail before its head."""
+        """Releases every block of the request and forgets its hashes (a no-op for an unknown request); returns the
+        blocks no one holds any more. Cached ones stay reusable; the last block goes first, so eviction takes a chain's tail before its head."""
         freed = []
         self._chains.pop(request_id, None)
         self._committed.pop(request_id, None)
@@ -112,9 +112,8 @@ class BlockManager:
         to compute; [] without caching."""
         if not self.caching:
             return []
-        blocks, count = [], (len(token_ids) - 1) // self.block_size
-        held = request_id in self._tables  # hashes are kept for requests holding blocks only (free drops them)
-        for digest in self._chain(request_id if held else None, token_ids, count):
+        blocks = []
+        for digest in self._chain(request_id, token_ids, (len(token_ids) - 1) // self.block_size):
             block = self._block_of.get(digest)
             if block is None:
                 break
@@ -149,10 +148,10 @@ class BlockManager:
                 del self._evictable[block]
                 self._free.append(block)
 
-    def _chain(self, request_id: str | None, token_ids: list[int], num_blocks: int) -> list[bytes]:
-        """The hash chain of the request's first `num_blocks` full blocks, kept and extended as tokens become known
-        (request_id None: computed, not kept)."""
-        chain = [] if request_id is None else self._chains.setdefault(request_id, [])
+    def _chain(self, request_id: str, token_ids: list[int], num_blocks: int) -> list[bytes]:
+        """The hash chain of the request's first `num_blocks` full blocks, kept (a waiting request looks up at every
+        step) and extended as tokens become known; a request id names one token sequence until `free`."""
+        chain = self._chains.setdefault(request_id, [])
         bs = self.block_size
         while len(chain) < num_blocks:
             i = len(chain)
@@ -184,6 +183,6 @@ class BlockManager:
         assert all(self._block_of[d] == b for b, d in self._hash_of.items()), "hash tables disagree"
         assert evictable <= set(self._hash_of) and not free & set(self._hash_of), "a free block's cache state is wrong"
         assert self.caching or not self._hash_of, "blocks cached with caching off"
-        assert set(self._chains) | set(self._committed) <= set(self._tables), "hashes kept for a request holding nothing"
+        assert set(self._committed) <= set(self._tables), "commits kept for a request holding nothing"
         for rid, done in self._committed.items():
             assert done <= len(self._tables[rid]), "more blocks committed than held"

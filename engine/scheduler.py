@@ -154,12 +154,13 @@ class Scheduler:
             self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            self._count_hits(request, computed)
+            self._start_from_cache(request, computed)
             scheduled[request.request_id] = self._schedule(request, num_new, cached)
             budget -= num_new
         return budget
 
-    def _count_hits(self, request: Request, computed: int) -> None:
+    def _start_from_cache(self, request: Request, computed: int) -> None:
+        """An admitted request's counter starts after its cached tokens; hits are counted."""
         request.num_computed_tokens = computed
         if request.num_cached_tokens is None:
             request.num_cached_tokens = computed

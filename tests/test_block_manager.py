@@ -100,6 +100,7 @@ class PrefixMachine(RuleBasedStateMachine):
             with pytest.raises(MemoryError):
                 self.manager.allocate(rid, want, cached)
             assert self.manager.num_free == free_before
+            self.manager.free(rid)  # the request gives up (an abort while waiting): its id may come back
             return
         self.manager.allocate(rid, want, cached)
         self.tokens[rid], self.computed[rid] = tokens, start
