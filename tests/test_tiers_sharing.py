@@ -109,3 +109,23 @@ def test_releasing_one_sharer_keeps_what_the_others_use():
     decode_and_check(h, ["a"], policy, "outlier", 3.0)
     h.cache.release("a")
     assert h.cache.in_use()["scratch_pieces"] == 0 and h.cache.in_use()["held_blocks"] == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**31), blocks=st.integers(1, 6), scale=st.sampled_from([1e-3, 1.0, 300.0]),
+       offset=st.sampled_from([0.0, 700.3, -1e4]), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_summaries_cover_every_value_of_the_blocks(seed, blocks, scale, offset, dtype):
+    """shared_spread's R >= max_j ||v_j - c|| over every value of every block (float64 reference), for each block
+    alone and for the chain, including outliers and large common offsets in a half dtype."""
+    from engine.kv.summaries import shared_spread, summarise
+
+    gen = torch.Generator().manual_seed(seed)
+    values = (torch.randn(blocks, HKV, BS, D, generator=gen) * scale + offset).to(dtype)
+    values[0, :, 0] *= 50  # a sink-like outlier in the first block
+    mean, reach = summarise(values)
+    exact = values.double()
+    assert ((exact - mean.double()[:, :, None]).norm(dim=-1).amax(dim=-1) <= reach.double()).all()
+    centre, radius = shared_spread(mean, reach)
+    assert torch.equal(centre, mean[0])
+    distance = (exact - centre.double()[None, :, None]).norm(dim=-1).amax(dim=(0, 2))
+    assert (distance <= radius.double()).all()

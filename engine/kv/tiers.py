@@ -32,6 +32,7 @@ from engine.kv.escalation import PREFETCH_MARGIN, Ladder
 from engine.kv.quantizers import Quantizer, bytes_per_token
 from engine.kv.scratch import Scratch
 from engine.kv.stats import RUNGS, CertificateStats, EscalationRecord
+from engine.kv.summaries import shared_spread, summarise
 from engine.request import KVMode
 from kernels import certified_decode, cpu, decode_attention, decode_path, prefill_attention, quantize_blocks
 from kernels.reference import DecodeView, QuantizedLayer, gather_blocks, make_view, reference_decode
@@ -248,21 +249,17 @@ class TieredKVCache:
         self.blocks[request_id] = blocks
 
     def _start_shared(self, batch: ForwardBatch, seqs: list[int]) -> None:
-        """Sequences starting after n shared blocks (prefix caching): no write of theirs saw those tokens, so their
-        centre and radius come from the blocks' summaries: c = m of the first block and R = max_b (||m_b - c|| + r_b)
-        >= max_j ||v_j - c|| over the shared tokens, by the triangle inequality (float64, rounded up); their own
-        tokens then grow R as for any sequence. Set first, before anything that can fail. Then the first block (the
-        attention sink) goes exact into the scratch from its verified shadow, as a writer keeps it (_keep_filled)."""
+        """Sequences starting after shared blocks (prefix caching): no write of theirs saw those tokens, so their
+        centre and radius come from the blocks' summaries (engine.kv.summaries.shared_spread); their own tokens then
+        grow R as for any sequence. Set first, before anything that can fail. Then the first block (the attention
+        sink) goes exact into the scratch from its verified shadow, as a writer keeps it (_keep_filled)."""
         bs = self.block_size
         for seq in seqs:
             start, blocks = batch.starts[seq], batch.block_ids[seq]
             assert start % bs == 0, "a sequence starts inside a shared block"
             index = torch.tensor(blocks[:start // bs])
-            means = self.block_mean[:, index].double()  # [L, n, Hkv, D]
-            centre = means[:, 0]
-            reach = (means - centre[:, None]).norm(dim=-1) + self.block_reach[:, index].double()  # [L, n, Hkv]
-            radius = _round_up(reach.amax(dim=1)).to(self.device)  # [L, Hkv]
-            centre = centre.float().to(self.device)
+            centre, radius = shared_spread(self.block_mean[:, index], self.block_reach[:, index])  # every layer
+            centre, radius = centre.to(self.device), radius.to(self.device)
             slot = self.slots[batch.request_ids[seq]]
             for layer in range(len(self.layers)):
                 self.centre[layer][slot], self.radius[layer][slot] = centre[layer], radius[layer]
@@ -494,11 +491,9 @@ class TieredKVCache:
         self.copy.invalidate(layer, filled)
 
     def _summarise(self, layer: int, blocks: torch.Tensor, values: torch.Tensor) -> None:
-        """Per filled block (blocks: host) and KV head, from its exact values [N, Hkv, bs, D]: the mean m_b (float32)
-        and r_b >= max_j ||v_j - m_b|| (float64, rounded up), for sequences that will share the block."""
-        exact = values.double()
-        mean = exact.mean(dim=2).float()
-        reach = _round_up((exact - mean.double()[:, :, None]).norm(dim=-1).amax(dim=-1))
+        """Per filled block (blocks: host) and KV head, the summary of its exact values [N, Hkv, bs, D] that sequences
+        sharing the block start from (engine.kv.summaries)."""
+        mean, reach = summarise(values)
         if self._deferred:
             staged = [self._stage((layer, name), x) for name, x in (("mean", mean), ("reach", reach))]
             self._queue(lambda: self._store_summaries(layer, blocks, *staged))
@@ -645,12 +640,6 @@ class TieredKVCache:
     def prefetch(self, layer: int, blocks: list[int], head: int, kind: str) -> None:
         self._settle()
         self.copy.prefetch(layer, kind, self.shadow_k[layer] if kind == "k" else self.shadow_v[layer], blocks, head)
-
-
-def _round_up(x: torch.Tensor) -> torch.Tensor:
-    """float64 -> a float32 at least as large (covering the float64 rounding of a short computation, 2^-40)."""
-    x = (x * (1 + 2.0**-40)).float()
-    return torch.nextafter(x, torch.full_like(x, float("inf")))
 
 
 def _checksum(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
