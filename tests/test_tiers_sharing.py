@@ -129,3 +129,20 @@ def test_summaries_cover_every_value_of_the_blocks(seed, blocks, scale, offset, 
     assert torch.equal(centre, mean[0])
     distance = (exact - centre.double()[None, :, None]).norm(dim=-1).amax(dim=(0, 2))
     assert (distance <= radius.double()).all()
+
+
+def test_summaries_written_through_the_deferred_cuda_path_reach_a_sharer(monkeypatch):
+    """On CUDA the filled blocks' summaries reach the host through staging, like the checksums, and land before the
+    next step's start: a sharer admitted at that step starts from them (run here on the CPU)."""
+    from kernels import cpu
+
+    monkeypatch.setattr(cpu, "available", lambda: False)  # the torch write path, which CUDA takes
+    h = Harness(8, 4, seed=5)
+    h.cache._deferred = True
+    policy = KVPolicy(KVMode.AUDIT, 0.1)
+    h.step({"w": random_kv(h.gen, 40, "offset")}, policy)
+    assert (0, "mean") in h.cache._staging and (0, "reach") in h.cache._staging  # they crossed through staging
+    h.share("w", "a", 2)
+    h.step({"a": random_kv(h.gen, 4, "offset")}, policy)
+    radius_covers(h, "a")
+    decode_and_check(h, ["w", "a"], policy, "offset", 2.0)
