@@ -44,3 +44,23 @@ def test_kernel_benchmark_smoke():
     e2e = {r["mode"]: r for r in rows if r.get("bench") == "e2e"}
     assert decode and all(r["certified_total_ms"] > 0 and r["sdpa_dense_ms"] > 0 for r in decode)
     assert set(e2e) == {"dense", "certified"} and all(r["decode_tokens_per_s"] > 0 for r in e2e.values())
+
+
+def test_prefix_benchmark_smoke(tiny_llama):
+    """loadtest/bench_prefix.py runs end to end on a tiny model: both configurations, every phase, the JSON rows and
+    the comparison (the timing targets are the script's to report, not a test's to assert)."""
+    import json
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(ROOT / "loadtest" / "bench_prefix.py"), "--model", str(tiny_llama),
+                           "--rounds", "1", "--users", "2", "--batch", "2", "--new-tokens", "3", "--system-tokens", "40",
+                           "--kv-modes", "dense", "certified", "--blocks", "64"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    configs = {(r["mode"], r["prefix_caching"]): r for r in rows if "prefix_caching" in r}
+    assert set(configs) == {(m, c) for m in ("dense", "certified") for c in (False, True)}
+    assert configs[("dense", True)]["hit_rate_concurrent"] > 0 == configs[("dense", False)]["hit_rate_concurrent"]
+    comparisons = [r for r in rows if "ttft_later_speedup" in r]
+    assert {c["mode"] for c in comparisons} == {"dense", "certified"}
+    assert next(c for c in comparisons if c["mode"] == "dense")["greedy_tokens_identical"]
