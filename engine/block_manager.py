@@ -92,7 +92,8 @@ class BlockManager:
 
     def free(self, request_id: str) -> list[int]:
         """Releases every block of the request and forgets its hashes (a no-op for an unknown request); returns the
-        blocks no one holds any more. Cached ones stay reusable; the last block goes first, so eviction takes a chain's tail before its head."""
+        blocks no one holds any more. Cached ones stay reusable; the last block goes first, so eviction takes a chain's
+        tail before its head."""
         freed = []
         self._chains.pop(request_id, None)
         self._committed.pop(request_id, None)

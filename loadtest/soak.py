@@ -2,7 +2,9 @@
 input and hostile input (stop ids outside the vocabulary, penalties that would overflow the logits, prompts far
 past the context: each must be INVALID_ARGUMENT and cost its neighbours nothing). Every request must end with
 exactly one outcome, no request may end INTERNAL, and afterwards the server must hold nothing: no running or
-waiting request, no KV block, no tier-1/tier-2/scratch byte (read from its Prometheus endpoint). Prints JSON.
+waiting request, no KV block, no tier-1/tier-2/scratch byte (read from its Prometheus endpoint; blocks kept by the
+prefix cache count as free, as in vLLM). Prints JSON, with the prompt tokens the prefix cache was asked for and hit
+(the prompts repeat one sentence: they share prefixes).
 
     python loadtest/soak.py --clients 32 --seconds 120
 """
@@ -108,6 +110,9 @@ def main() -> None:
     result = {"clients": args.clients, "seconds": args.seconds, "requests": len(outcomes),
               "outcomes": dict(ledger), "requests_without_exactly_one_outcome": sum(n != 1 for n in outcomes),
               "held_after": held, "leaked": any(held.values()),
+              "prefix_cache_tokens": {kind: sum(v for name, v in samples.items()
+                                                if name.startswith(f"vllm:prefix_cache_{kind}"))
+                                      for kind in ("queries", "hits")},
               "server_exit_code": server.returncode}
     print(json.dumps(result, indent=2))
     failed = result["requests_without_exactly_one_outcome"] or result["leaked"] or ledger["INTERNAL"]
