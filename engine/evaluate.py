@@ -1,7 +1,7 @@
 """`python -m engine.evaluate --text FILE`: teacher-forced quality of a KV mode against dense, through the engine.
 
 The text is cut into windows of --window tokens. Each window runs twice in the same batch: once in dense mode (the
-exact computation from the shadows) and once in the mode under test. The first token is the prompt; every later
+exact computation from the shadows) and once in the mode under test (prefix caching off: each computes its own). The first token is the prompt; every later
 token is forced (teacher forcing) one decode step at a time, so every scored position goes through decode
 attention over the tiered cache exactly as serving does. Reported: perplexity of both, the mean KL(dense || mode)
 per position, the certificate aggregates (escalation rate per rung, audit violations, bound tightness) and tier-1 /
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.evaluate")
                           quantizer=args.quantizer, threads=args.threads, max_num_seqs=64,
                           headq_rank=args.headq_rank, headq_bits=args.headq_bits, headq_basis=args.headq_basis,
                           scratch_blocks=args.scratch_blocks,
-                          max_num_batched_tokens=4096, **overrides)
+                          max_num_batched_tokens=4096, enable_prefix_caching=False, **overrides)
     engine = LLMEngine(config)
     tokens = engine.tokenizer(args.text.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
     windows = windows_of(tokens, args.window, args.max_tokens)

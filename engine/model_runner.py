@@ -131,7 +131,7 @@ class ModelRunner:
                              self.dtype, self.device, self._quantizer(config, self._headq_basis(config)),
                              config.max_num_seqs, config.scratch_blocks,
                              self.device.type == "cuda" if config.prefetch is None else config.prefetch, self.faults,
-                             prefetch_blocks=config.prefetch_blocks)
+                             prefetch_blocks=config.prefetch_blocks, share=config.enable_prefix_caching)
 
     @staticmethod
     def _quantizer(config: EngineConfig, basis: torch.Tensor | None = None) -> Quantizer:

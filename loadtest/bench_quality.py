@@ -69,7 +69,8 @@ def main() -> None:
         engine = LLMEngine(EngineConfig(model=args.model, kv_mode="audit", quantizer=quantizer, k_bits=k_bits,
                                         v_bits=v_bits, threads=args.threads, max_num_seqs=64, headq_rank=rank,
                                         headq_bits=side_bits, headq_basis=args.headq_basis,
-                                        max_num_batched_tokens=4096, scratch_blocks=args.scratch_blocks))
+                                        max_num_batched_tokens=4096, scratch_blocks=args.scratch_blocks,
+                                        enable_prefix_caching=False))  # every mode computes its own windows
         tokens = engine.tokenizer(args.text.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
         windows = windows_of(tokens, args.window, args.max_tokens)
         policies = [KVPolicy(KVMode.QUANTIZED, 0.0)] + [KVPolicy(KVMode.AUDIT, t) for t in args.tolerances]

@@ -100,8 +100,10 @@ class StepPlan:
 class TieredKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, quantizer: Quantizer, max_seqs: int, scratch_blocks: int,
-                 prefetch: bool = True, faults: FaultPlan = NO_FAULTS, prefetch_blocks: int = 512):
+                 prefetch: bool = False, faults: FaultPlan = NO_FAULTS, prefetch_blocks: int = 512,
+                 share: bool = True):
         self.quantizer = quantizer
+        self.share = share  # blocks may be shared (prefix caching): each filled block keeps its value summary
         self.quantizers = [quantizer.for_layer(i) for i in range(num_layers)]  # HeadQ: each layer its own basis
         self.block_size, self.kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
         self.num_blocks, self.dtype, self.device = num_blocks, dtype, device
@@ -481,7 +483,8 @@ class TieredKVCache:
             self._queue(lambda: self._store_checksums(layer, host, staged))
         else:
             self._store_checksums(layer, host, sums)
-        self._summarise(layer, host, values)
+        if self.share:
+            self._summarise(layer, host, values)
         written = quantize_blocks(keys, values, q)
         k_codes, v_codes = written.keys, written.values
         tier1.k_codes[blocks], tier1.k_scale[blocks], tier1.k_zero[blocks] = k_codes.codes, k_codes.scale, k_codes.zero
