@@ -69,23 +69,32 @@ def window_mask(length: int, context_lens: torch.Tensor, window: int | None) -> 
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, lengths: list[int] | None = None,
-                     window: int | None = None):
+                     window: int | None = None, mask: torch.Tensor | None = None):
     """out[b] = softmax(scale * q[b] K_b^T) V_b over the first context_lens[b] cached tokens of sequence b (the last
     `window` of them with a sliding window).
 
     q [Bd, H, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables [Bd, nb]; context_lens [Bd]
-    (`lengths`: the same on the host, which spares a device sync). Returns [Bd, H, D]. GQA: query head h reads KV
-    head h // G.
+    (`lengths`: the same on the host, which spares a device sync; `mask`: decode_mask's, when a caller made it once
+    for every layer). Returns [Bd, H, D]. GQA: query head h reads KV head h // G.
     """
     lengths = context_lens.tolist() if lengths is None else lengths
     longest = max(lengths)
-    keys = gather_blocks(k_cache, block_tables)[:, :longest].transpose(1, 2).to(q.dtype)  # [Bd, Hkv, L, D]
-    values = gather_blocks(v_cache, block_tables)[:, :longest].transpose(1, 2).to(q.dtype)
-    mask = None
-    if min(lengths) != longest or (window is not None and longest > window):
-        mask = window_mask(longest, context_lens, window)[:, None, None, :]
+    keys = gather_blocks(k_cache, block_tables)[:, :longest].transpose(1, 2)  # [Bd, Hkv, L, D]
+    values = gather_blocks(v_cache, block_tables)[:, :longest].transpose(1, 2)
+    if keys.dtype != q.dtype:
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
+    if mask is None:
+        mask = decode_mask(lengths, context_lens, window)
     out = sdpa(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.squeeze(2)
+
+
+def decode_mask(lengths: list[int], context_lens: torch.Tensor, window: int | None = None) -> torch.Tensor | None:
+    """[Bd, 1, 1, L] bool for decode_attention, or None when every row attends all of the longest context."""
+    longest = max(lengths)
+    if min(lengths) == longest and (window is None or longest <= window):
+        return None
+    return window_mask(longest, context_lens, window)[:, None, None, :]
 
 
 def prefill_attention(q, keys, values, scale, window: int | None = None):
@@ -105,11 +114,15 @@ def prefill_attention(q, keys, values, scale, window: int | None = None):
     return out[0].transpose(0, 1)
 
 
-def paged_attention(q, k_cache, v_cache, batch, scale, window: int | None = None):
+def paged_attention(q, k_cache, v_cache, batch, scale, window: int | None = None, mask=None):
     """Attention of every new token of a ForwardBatch over its sequence's cached tokens (causal, within `window`).
 
-    q [T, H, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D] already holding this step's K/V. Returns [T, H, D].
+    q [T, H, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D] already holding this step's K/V; `mask` the
+    decodes' decode_mask when the caller made it once a step. Returns [T, H, D].
     """
+    if not batch.prefill_seqs:  # decodes only: row i is sequence i's token, no gather or scatter of rows
+        return decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale, batch.decode_lens,
+                                window, mask)
     out = torch.empty_like(q)
     if batch.decode_rows.numel():
         seqs = batch.decode_seqs

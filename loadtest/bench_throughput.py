@@ -47,7 +47,8 @@ def _engine(model: str, threads: int, kv_mode: str):
     from engine.config import EngineConfig
     from engine.engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=model, threads=threads, max_num_seqs=64, kv_mode=kv_mode))
+    engine = LLMEngine(EngineConfig(model=model, threads=threads, max_num_seqs=64, kv_mode=kv_mode,
+                                    enable_prefix_caching=False))  # every run computes its prompts, as HF does
     _run_engine(engine, prompts(2, 8, seed=1), 4)  # warm-up
     return engine
 
@@ -73,8 +74,8 @@ def _run_engine(engine, batch, new, name="warmup"):
 
 
 def bench_interleaved(model: str, batch: list[list[int]], new: int, threads: int) -> dict:
-    """Dense and certified engines stepped alternately on the same requests: the median decode step of each, and
-    their ratio. Slow phases of a shared machine then hit both alike."""
+    """The dense and certified engines and HF's own decoding of the same static batch, stepped alternately on the same
+    requests: the median decode step of each, and their ratios. Slow phases of a shared machine then hit all alike."""
     from engine.request import SamplingParams, StoppingParams
 
     engines = {mode: _engine(model, threads, mode) for mode in ("dense", "certified")}
@@ -82,7 +83,8 @@ def bench_interleaved(model: str, batch: list[list[int]], new: int, threads: int
     for engine in engines.values():
         for i, prompt in enumerate(batch):
             engine.add_request(engine.new_request(f"i{i}", prompt, SamplingParams(), stopping))
-    steps: dict[str, list[float]] = {mode: [] for mode in engines}
+    hf = _HFDecode(model, batch, threads)
+    steps: dict[str, list[float]] = {mode: [] for mode in (*engines, "hf")}
     while any(engine.has_unfinished() for engine in engines.values()):
         for mode, engine in engines.items():
             if engine.has_unfinished():
@@ -92,11 +94,39 @@ def bench_interleaved(model: str, batch: list[list[int]], new: int, threads: int
                 engine.step()
                 if decoding:
                     steps[mode].append(time.perf_counter() - start)
+        if len(steps["hf"]) < new - 1:
+            start = time.perf_counter()
+            hf.step()
+            steps["hf"].append(time.perf_counter() - start)
     median = {mode: statistics.median(times) for mode, times in steps.items()}
     return {"system": "interleaved", "concurrency": len(batch), "decode_steps": len(steps["dense"]),
             "dense_step_ms": round(1000 * median["dense"], 1),
-            "certified_step_ms": round(1000 * median["certified"], 1),
-            "certified_over_dense_throughput": round(median["dense"] / median["certified"], 3)}
+            "certified_step_ms": round(1000 * median["certified"], 1), "hf_step_ms": round(1000 * median["hf"], 1),
+            "certified_over_dense_throughput": round(median["dense"] / median["certified"], 3),
+            "dense_over_hf_throughput": round(median["hf"] / median["dense"], 3)}
+
+
+class _HFDecode:
+    """HF's decoding of one static batch (equal prompt lengths, no padding) with its DynamicCache, greedy, one step a
+    call: what `generate` does per step, without its logits processors."""
+
+    def __init__(self, model_dir: str, batch: list[list[int]], threads: int):
+        import torch
+        from transformers import AutoModelForCausalLM, DynamicCache
+
+        torch.set_num_threads(threads)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+        self.cache = DynamicCache(config=self.model.config)
+        with torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor(batch), past_key_values=self.cache, use_cache=True).logits
+        self.next = logits[:, -1].argmax(dim=-1, keepdim=True)
+
+    def step(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model(input_ids=self.next, past_key_values=self.cache, use_cache=True).logits
+        self.next = logits[:, -1].argmax(dim=-1, keepdim=True)
 
 
 def _summary(name, n, start, stamp_lists, new):
@@ -139,7 +169,8 @@ def bench_grpc(model: str, batch: list[list[int]], new: int, threads: int, kv_mo
 
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--model", model,
-                               "--threads", str(threads), "--kv-mode", kv_mode, "--log-level", "WARNING"], cwd=ROOT)
+                               "--threads", str(threads), "--kv-mode", kv_mode, "--log-level", "WARNING",
+                               "--no-enable-prefix-caching"], cwd=ROOT)
     try:
         _wait_serving(port, server)
 

@@ -7,6 +7,7 @@ import torch
 
 from engine.batch import ForwardBatch
 from kernels import paged_attention
+from kernels.reference import decode_mask
 
 
 class PagedKVCache:
@@ -21,17 +22,18 @@ class PagedKVCache:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
     def prepare(self, batch: ForwardBatch) -> None:
-        pass
+        batch.cache_meta = {}  # window -> the decodes' attention mask, made once a step for every layer
 
     def end_step(self, batch: ForwardBatch) -> None:
         pass
 
     def forward(self, layer, q, k, v, batch, scale, window: int | None = None):
-        k_flat = self.k[layer].view(-1, *k.shape[1:])
-        v_flat = self.v[layer].view(-1, *v.shape[1:])
-        k_flat.index_copy_(0, batch.slot_mapping, k.to(k_flat.dtype))
-        v_flat.index_copy_(0, batch.slot_mapping, v.to(v_flat.dtype))
-        return paged_attention(q, self.k[layer], self.v[layer], batch, scale, window)
+        for cache, new in ((self.k[layer], k), (self.v[layer], v)):
+            cache.view(-1, *new.shape[1:]).index_copy_(0, batch.slot_mapping, new)
+        masks = batch.cache_meta
+        if batch.decode_lens and window not in masks:
+            masks[window] = decode_mask(batch.decode_lens, batch.context_lens[batch.decode_seqs], window)
+        return paged_attention(q, self.k[layer], self.v[layer], batch, scale, window, masks.get(window))
 
     def release(self, request_id: str) -> None:
         pass
