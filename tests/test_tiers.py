@@ -131,19 +131,33 @@ def test_bound_and_promise_hold_on_the_real_write_path(seed, lengths, bits, quan
     policy = KVPolicy(KVMode.AUDIT, tolerance)
     h.step({rid: random_kv(h.gen, n, kind) for rid, n in zip(rids, lengths)}, policy)
     for _ in range(3):  # decode steps: blocks fill, the ladder promotes, promoted blocks are reused
-        q = torch.randn(len(rids), HKV * G, D, generator=h.gen) * q_scale
-        batch, served = h.step({rid: random_kv(h.gen, 1, kind) for rid in rids}, policy, q=q)
-        plan = batch.cache_meta
-        result = certified_decode(q, h.cache.layers[0], plan.view, D ** -0.5, h.cache.quantizers[0])
-        bound, _ = check(result, h.cache.radius[0][plan.view.slots], plan.tolerance[:, None, None])
-        for i, rid in enumerate(rids):
-            reference, scale = h.promise_scale(rid, q[i])
-            actual = (result.out[i].double() - reference).norm(dim=-1)
-            assert (actual <= bound[i].double()).all(), (rid, actual, bound[i])
-            error = (served[i].double().view(HKV, G, D) - reference).norm(dim=-1)
-            assert (error <= tolerance * scale).all(), (rid, error / (tolerance * scale))
+        decode_and_check(h, rids, policy, kind, q_scale)
     for rid in rids:
         assert h.cache.stats[rid].audit_violations == 0 and h.cache.stats[rid].promise_violations == 0
+
+
+def radius_covers(h: Harness, rid: str) -> None:
+    """R >= max_j ||v_j - c|| over every token of the sequence, in float64 from the values this test generated."""
+    slot = h.cache.slots[rid]
+    centre, radius = h.cache.centre[0][slot].double(), h.cache.radius[0][slot].double()
+    distance = (h.values[rid].double() - centre).norm(dim=-1).amax(dim=0)  # [Hkv]
+    assert (distance <= radius).all(), (rid, distance, radius)
+
+
+def decode_and_check(h: Harness, rids: list[str], policy: KVPolicy, kind: str, q_scale: float) -> None:
+    """One decode step of `rids`: the bound of every head holds against the reference, and so does the promise for
+    what attention serves."""
+    q = torch.randn(len(rids), HKV * G, D, generator=h.gen) * q_scale
+    batch, served = h.step({rid: random_kv(h.gen, 1, kind) for rid in rids}, policy, q=q)
+    plan = batch.cache_meta
+    result = certified_decode(q, h.cache.layers[0], plan.view, D ** -0.5, h.cache.quantizers[0])
+    bound, _ = check(result, h.cache.radius[0][plan.view.slots], plan.tolerance[:, None, None])
+    for i, rid in enumerate(rids):
+        reference, scale = h.promise_scale(rid, q[i])
+        assert ((result.out[i].double() - reference).norm(dim=-1) <= bound[i].double()).all(), rid
+        error = (served[i].double().view(HKV, G, D) - reference).norm(dim=-1)
+        assert (error <= policy.tolerance * scale).all(), (rid, error / (policy.tolerance * scale))
+        radius_covers(h, rid)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -1,7 +1,7 @@
 """Value summaries of KV blocks, and the value centre and radius of a sequence that starts from shared blocks.
 
 The certificate's key-error form (a) needs, per sequence, layer and KV head, a centre c and a radius
-R >= max_j ||v_j - c|| over EVERY token the sequence attends (DESIGN.md section 3). A sequence that starts after
+R >= max_j ||v_j - c|| over EVERY token the sequence attends (docs/certificate.md). A sequence that starts after
 blocks another sequence wrote (prefix caching) never saw those tokens' values. Each filled block therefore stores, per
 KV head, the mean m_b of its exact values (float32) and r_b >= max_(j in b) ||v_j - m_b|| (rounded up). For any centre
 c, the triangle inequality gives ||v_j - c|| <= ||m_b - c|| + r_b for every j in b, so
