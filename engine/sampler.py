@@ -47,8 +47,9 @@ def sample(logits: torch.Tensor, requests: list[Request], states: list[SamplerSt
     """logits [S, V] float32 -> one token (or one error) per row."""
     errors: dict[int, EngineError] = {}
     processed = _processed(logits, requests, errors)
-    usable = _usable(processed)
-    tokens: list[int | None] = processed.argmax(dim=-1).tolist()
+    best = processed.argmax(dim=-1, keepdim=True)
+    usable = _usable(processed, best)
+    tokens: list[int | None] = best.squeeze(-1).tolist()
     for i, ok in enumerate(usable):
         if not ok and i not in errors:
             errors[i] = _unusable(logits[i])
@@ -73,9 +74,12 @@ def _processed(logits: torch.Tensor, requests: list[Request], errors: dict[int, 
     return logits
 
 
-def _usable(rows: torch.Tensor) -> list[bool]:
-    """Per row: no NaN, no +inf, and at least one finite logit (-inf marks a token that cannot be drawn)."""
-    return (~(rows.isnan() | rows.isposinf()).any(dim=-1) & rows.isfinite().any(dim=-1)).tolist()
+def _usable(rows: torch.Tensor, best: torch.Tensor | None = None) -> list[bool]:
+    """Per row: no NaN, no +inf, and at least one finite logit (-inf marks a token that cannot be drawn). argmax
+    picks a NaN or a +inf where a row has one, and -inf only where all are, so the row is usable exactly when its
+    argmax holds a finite value: one pass over the logits, which greedy sampling makes anyway (`best`)."""
+    best = rows.argmax(dim=-1, keepdim=True) if best is None else best
+    return rows.gather(-1, best).isfinite().squeeze(-1).tolist()
 
 
 def _unusable(raw: torch.Tensor) -> EngineError:

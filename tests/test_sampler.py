@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from engine.errors import InvalidRequest, RequestFailed
 from engine.request import Request, SamplingParams, StoppingParams
-from engine.sampler import new_state, sample
+from engine.sampler import _usable, new_state, sample
 from tests.helpers import make_engine, run_engine
 
 PROBS = [0.5, 0.3, 0.15, 0.05]
@@ -216,3 +216,13 @@ def test_a_failing_request_costs_the_others_nothing_in_that_step(tiny_llama):
             tokens += out.token_ids
     assert tokens == solo and engine.scheduler.blocks.num_free == 64
     assert plan.fired == {"sample.nonfinite": 1, "output.raise": 1}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([0.0, -1.5, 3.0, 1e38, -1e38, math.inf, -math.inf, math.nan]), min_size=1,
+                         max_size=6), min_size=1, max_size=5).filter(lambda rows: len({len(r) for r in rows}) == 1))
+def test_a_row_is_usable_exactly_when_it_has_no_nan_no_plus_inf_and_a_finite_logit(rows):
+    """The one-pass test (the value at argmax is finite) against the definition, element by element."""
+    expected = [not any(math.isnan(x) or x == math.inf for x in row) and any(math.isfinite(x) for x in row)
+                for row in rows]
+    assert _usable(torch.tensor(rows)) == expected
