@@ -28,7 +28,9 @@ async def test_locust_smoke(tiny_llama, tmp_path):
     assert float(total["Average Content Size"]) == 8  # tokens per stream
     finished, started = int(total["Request Count"]), int(rows["Generate/ttft"]["Request Count"])
     assert finished <= started <= finished + 2  # the time limit can stop each user's stream midway
-    assert int(rows["Generate/itl"]["Request Count"]) >= 7 * finished
+    # a gap is between two messages of one stream, and a message may carry several tokens (text held back until its
+    # UTF-8 is whole): each stream of 8 tokens makes 1 to 7 gaps
+    assert finished <= int(rows["Generate/itl"]["Request Count"]) <= 7 * started
 
 
 def test_kernel_benchmark_smoke():
