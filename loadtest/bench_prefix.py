@@ -1,4 +1,4 @@
-"""Prefix caching on a chat workload (issue 22): a shared system prompt of about --system-tokens tokens and short user
+"""Prefix caching on a chat workload: a shared system prompt of about --system-tokens tokens and short user
 turns, caching on against off, in each --kv-modes mode (prints JSON and a table).
 
 Each round starts a new system prompt (its first line carries the round's number, so nothing is cached from an

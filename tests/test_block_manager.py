@@ -65,7 +65,7 @@ def test_tables_are_disjoint_and_sized_by_tokens():
     assert manager.num_free == 3
 
 
-# ---- prefix caching (issue 22) -------------------------------------------------------------------------------------
+# ---- prefix caching -------------------------------------------------------------------------------------
 BS = 4
 PREFIXES = ([7] * 12, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [1, 2, 3, 4, 9, 9, 9, 9])  # shared heads of prompts
 

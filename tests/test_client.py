@@ -1,10 +1,11 @@
-"""Readable certificates (issue 24, item 3), over real gRPC to a tiny model at K4/V2 (so that some heads escalate):
+"""Readable certificates, over real gRPC to a tiny model at K4/V2 (so that some heads escalate):
 the certificate carries what its mode means and nothing else, its meaningful zeros print in JSON, logprobs name their
 tokens, and the CLI's human output ends with one line that sums up the certificate, the bound over its limit first."""
 
 import asyncio
 import json
 import re
+from pathlib import Path
 
 import pytest
 from google.protobuf.json_format import MessageToJson
@@ -108,3 +109,14 @@ async def test_json_puts_the_certificates_summary_first(server, capsys):
     cert = json.loads(out.strip().splitlines()[-1])["certificate"]
     assert code == 0 and list(cert)[:6] == ["mode", "maxBoundOverTolerance", "certifiedShare", "escalations",
                                            "auditViolations", "promiseViolations"]
+
+
+async def test_the_readmes_python_example_runs_as_written(server, capsys):
+    """The README's Python snippet, exactly as printed there, against a real server (only its address changes)."""
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    snippet = re.search(r"```python\n(.*?)```", readme.read_text(), re.S).group(1)
+    assert "127.0.0.1:50051" in snippet
+    code = snippet.replace("127.0.0.1:50051", f"127.0.0.1:{server.port}")
+    await asyncio.to_thread(exec, compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert re.search(r"certified share [01]\.\d{3}, bound/limit at most \d+\.\d{2}$", printed.strip()), printed

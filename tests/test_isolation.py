@@ -1,4 +1,4 @@
-"""One client never hurts another (issue 17), over real gRPC: a request's own failure ends only that request,
+"""One client never hurts another, over real gRPC: a request's own failure ends only that request,
 clients that stop reading give way and are ended, hopeless prompts cost no tokenizer work, and the tokenizer's
 queue is bounded."""
 

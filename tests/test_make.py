@@ -1,4 +1,4 @@
-"""`make help` lists every target with one line each, and `make` alone prints it (issue 24, item 4): a target's help
+"""`make help` lists every target with one line each, and `make` alone prints it: a target's help
 is the `## ` comment on its rule line, so a new target without one fails here. And `make test`'s timeouts (item 5)."""
 
 import re

@@ -1,4 +1,4 @@
-"""`pip install .` as a new user would do it (issue 24, item 2): a wheel built from the checkout's files alone (as a
+"""`pip install .` as a new user would do it: a wheel built from the checkout's files alone (as a
 fresh clone has them, no generated stubs), installed into a fresh virtual environment, then run from an empty
 directory so that nothing of the source tree is importable. The installed `certkv` command serves the default model
 from the user's cache ($HOME/.cache/certkv) and answers `certkv generate` over gRPC.

@@ -1,4 +1,4 @@
-"""Prefix caching in the engine on tiny real models (issue 22): the same greedy tokens with caching on and off in every
+"""Prefix caching in the engine on tiny real models: the same greedy tokens with caching on and off in every
 mode (and HF's where the mode is exact), hits counted in usage, audit clean on shared prefixes, sharers that are
 preempted or aborted never disturb the others, and a corrupt shared shadow fails every request that reads it with
 DATA_LOSS while later requests recompute the prefix."""

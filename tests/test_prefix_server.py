@@ -1,4 +1,4 @@
-"""Prefix caching over real gRPC (issue 22): a chat template's shared system prompt is found cached by later requests
+"""Prefix caching over real gRPC: a chat template's shared system prompt is found cached by later requests
 (usage.cached_tokens, vLLM's prefix-cache counters on /metrics, GetModelInfo), with the tokens of a server that
 recomputes every prompt; the flag that turns it off."""
 

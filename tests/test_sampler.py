@@ -1,5 +1,5 @@
 """Sampler: each filter on hand-made distributions, penalties, min_new_tokens, seeds, logprobs; one row's failure
-stays its own (issue 17)."""
+stays its own."""
 
 import math
 
@@ -111,7 +111,7 @@ def test_seeded_sampling_is_independent_of_the_batch(tiny_llama):
     assert other["needle"] != alone["needle"]
 
 
-# ---- one row never fails the batch (issue 17, item 1) --------------------------------------------------------------
+# ---- one row never fails the batch --------------------------------------------------------------
 CPU = torch.device("cpu")
 
 

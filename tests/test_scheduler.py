@@ -202,7 +202,7 @@ def test_random_workload_drains_with_every_block_free(seed, num_blocks, block_si
     assert sorted(ended) == sorted(added), "a request ended twice or never"
 
 
-# ---- paused requests (their client is not reading) give way (issue 17, item 2) ------------------------------------
+# ---- paused requests (their client is not reading) give way ------------------------------------
 def test_paused_requests_give_their_batch_slots_to_waiting_requests():
     """max_num_seqs paused requests hold every slot; a new request is admitted by preempting the newest paused one,
     and the paused requests are never scheduled until resumed."""
@@ -289,7 +289,7 @@ def test_random_pauses_never_block_a_reader(seed, num_blocks, budget, max_seqs):
     assert scheduler.blocks.num_free == num_blocks
 
 
-# ---- prefix caching (issue 22) -------------------------------------------------------------------------------------
+# ---- prefix caching -------------------------------------------------------------------------------------
 SYSTEM_PROMPTS = ([5] * 13, list(range(40, 61)), list(range(40, 48)) + [9] * 6)  # shared heads, partly shared
 
 

@@ -226,7 +226,7 @@ async def test_not_serving_until_loaded(tiny_llama):
     await server.drain()
 
 
-# ---- health and reflection (issue 17, items 7 and 8) ---------------------------------------------------------------
+# ---- health and reflection ---------------------------------------------------------------
 TRUNCATED, BAD_UTF8 = b"\x0a\x80", b"\x0a\x02\xff\xfe"  # a cut length; field 1 a string of invalid UTF-8
 
 

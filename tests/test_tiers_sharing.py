@@ -1,4 +1,4 @@
-"""The tiered cache with blocks shared by prefix caching (issue 22), without a model: sequences that start after
+"""The tiered cache with blocks shared by prefix caching, without a model: sequences that start after
 another one's blocks get a value centre and radius that cover the shared tokens (from the blocks' summaries), the
 bound holds against an independent float64 reference for them, whether the writer still lives or not and whatever
 wrote each block, and releasing one sharer drops nothing the others use."""

@@ -1,5 +1,5 @@
 """One model, one name: a GGUF conversion is keyed by the file's content, checked on use, and the model's id is the
-operator's own path (issue 17, item 5). Conversions are made here by copying a tiny model into the directory that
+operator's own path. Conversions are made here by copying a tiny model into the directory that
 engine.weights names for a file's content, so no test converts a real GGUF."""
 
 import json
