@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m server.client") -
         stub = pb_grpc.InferenceStub(channel)
         try:
             if args.info:
-                print(MessageToJson(stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=args.timeout,
-                                                      metadata=metadata)))
+                info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=args.timeout, metadata=metadata)
+                print(MessageToJson(info, always_print_fields_with_no_presence=True))  # zeros and false mean something
                 return 0
             messages = []
             for message in stub.Generate(build_request(args), timeout=args.timeout, metadata=metadata):
@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m server.client") -
         for line in logprob_lines(messages):
             print(line)
         u, last = messages[-1].usage, messages[-1]
-        print(f"[{pb.FinishReason.Name(last.finish_reason)}; {u.prompt_tokens} prompt + {u.completion_tokens} "
+        cached = f" ({u.cached_tokens} from the prefix cache)" if u.cached_tokens else ""
+        print(f"[{pb.FinishReason.Name(last.finish_reason)}; {u.prompt_tokens} prompt{cached} + {u.completion_tokens} "
               f"completion tokens; ttft {u.time_to_first_token_s:.3f}s; total {u.total_time_s:.3f}s]", file=sys.stderr)
         print(certificate_line(last.certificate), file=sys.stderr)
     return 0

@@ -88,6 +88,23 @@ async def test_cli_ends_with_the_certificate_line(server, capsys):
                         err.strip().splitlines()[-1])
 
 
+async def test_cli_says_how_much_of_the_prompt_came_from_the_prefix_cache(server, capsys):
+    ids = ",".join(str(t) for t in range(500, 540))  # 40 tokens: two full blocks of 16 can be cached
+    usages = []
+    for _ in range(2):
+        code, _, err = await cli_run(capsys, server, ids, "--token-ids", "--max-new-tokens", "2")
+        assert code == 0
+        usages.append(err.strip().splitlines()[-2])
+    assert usages[0].startswith("[LENGTH; 40 prompt + 2 completion tokens"), usages[0]
+    assert usages[1].startswith("[LENGTH; 40 prompt (32 from the prefix cache) + 2 completion tokens"), usages[1]
+
+
+async def test_cli_info_prints_every_field(server, capsys):
+    code, out, _ = await cli_run(capsys, server, "--info")
+    info = json.loads(out)
+    assert code == 0 and set(info) == {field.json_name for field in pb.ModelInfo.DESCRIPTOR.fields}
+
+
 async def test_logprobs_name_their_tokens(server, capsys, tiny_llama):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     code, out, _ = await cli_run(capsys, server, "Hello", "--max-new-tokens", "3", "--logprobs", "2", "--json")
