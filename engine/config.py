@@ -49,11 +49,13 @@ class EngineConfig:
     headq_rank: int = 32  # HeadQ (engine/kv/headq.py): query-basis directions with a side code
     headq_bits: int = 4  # bits of each side-code coordinate
     headq_basis: str | None = None  # its basis file; None: headq.safetensors in the model's directory
-    scratch_blocks: int = 512  # per layer: promoted exact (block, KV head) pieces kept on the device, keys and values each
+    scratch_blocks: int | None = None  # per layer: exact (block, KV head) pieces kept on the device, keys and values
+    # each; None: 512, or what an eighth of kv_cache_memory holds when that is fewer (ModelRunner._pools)
     shadow_memory: int = 2 << 30  # bytes of tier-2 shadows (host); with kv_cache_memory it caps the number of blocks
     prefetch: bool | None = None  # tier-2 fetches likely at the next step start early (copy stream / worker
     # thread); None: on with CUDA, off on a CPU (where a fetch is a memcpy and nothing overlaps it)
-    prefetch_blocks: int = 512  # per layer: prefetched pieces held on the device until used (oldest dropped past it)
+    prefetch_blocks: int | None = None  # per layer: prefetched pieces held on the device until used (oldest dropped
+    # past it); None: as the scratch's default
     enable_prefix_caching: bool = True  # full blocks of a prompt found cached are shared, not recomputed
 
     def __post_init__(self) -> None:
@@ -73,8 +75,8 @@ class EngineConfig:
             make_quantizer(self.quantizer, self.k_bits, self.v_bits, rank=self.headq_rank, side_bits=self.headq_bits)
         except ValueError as e:
             raise ValueError(f"EngineConfig.quantizer/k_bits/v_bits/headq_rank/headq_bits: {e}") from None
-        _require(self.scratch_blocks > 0, "scratch_blocks", "must be positive")
-        _require(self.prefetch_blocks > 0, "prefetch_blocks", "must be positive")
+        _require(self.scratch_blocks is None or self.scratch_blocks > 0, "scratch_blocks", "must be positive")
+        _require(self.prefetch_blocks is None or self.prefetch_blocks > 0, "prefetch_blocks", "must be positive")
         _require(self.shadow_memory > 0, "shadow_memory", "must be positive")
 
     @property

@@ -87,7 +87,7 @@ def summarize(engine, policy, windows, nll, kl_sum, scored, stats: list[Certific
         if policy.mode is KVMode.AUDIT else None,
         "median_actual_over_bound": CertificateStats.histogram_median(hist) if policy.mode is KVMode.AUDIT else None,
         "quantized_key_mass": sum(s.quantized_key_mass for s in stats) / evaluations if evaluations else None,
-        "scratch_blocks": config.scratch_blocks,
+        "scratch_blocks": cache.scratch[0].capacity,
         "tier2_bytes_fetched_per_token": sum(s.transfer_bytes for s in stats) / max(scored, 1),
         "tier1_bytes_per_token_vs_fp16": cache.tier1_bytes_per_token() / fp16,
         "tier2_bytes_per_token_vs_fp16": cache.tier2_bytes_per_token() / fp16,

@@ -113,12 +113,35 @@ class ModelRunner:
         )
 
     def _blocks_for_budget(self, config: EngineConfig, layers: int, kv_heads: int, head_dim: int) -> int:
+        """Blocks that fit the device budget (--kv-cache-memory), the tiered cache's fixed pools included, and the
+        host budget of the shadows (--shadow-memory)."""
         dense = PagedKVCache.bytes_per_block(layers, config.block_size, kv_heads, head_dim, self.dtype)
         if not config.tiered:
             return config.kv_cache_memory // dense
         tier1 = TieredKVCache.tier1_bytes(self._quantizer(config), head_dim, config.block_size)
         tier1 = layers * kv_heads * config.block_size * tier1
-        return int(min(config.kv_cache_memory // tier1, config.shadow_memory // dense))
+        fixed = TieredKVCache.fixed_bytes(layers, config.block_size, kv_heads, head_dim, self.dtype,
+                                          config.max_num_seqs, *self._pools(config, layers, head_dim))
+        if config.kv_cache_memory < fixed + tier1:
+            raise ValueError(f"EngineConfig.kv_cache_memory: {config.kv_cache_memory} bytes do not hold the tiered "
+                             f"cache's fixed pools ({fixed} bytes: scratch, prefetch pool and partial blocks of "
+                             f"{config.max_num_seqs} sequences) and one block; raise it, or lower scratch_blocks, "
+                             "prefetch_blocks or max_num_seqs")
+        return int(min((config.kv_cache_memory - fixed) // tier1, config.shadow_memory // dense))
+
+    def _pools(self, config: EngineConfig, layers: int, head_dim: int) -> tuple[int, int]:
+        """(scratch pieces, prefetch pieces) per layer. Unset, each is 512, or as many pieces as fit an eighth of
+        --kv-cache-memory when that is fewer (at least 16); with --num-kv-blocks (no budget) 512. The prefetch pool
+        is 0 when prefetch is off."""
+        piece = config.block_size * head_dim * self.dtype.itemsize  # keys or values of one (block, KV head)
+        budgeted = config.kv_cache_memory // 8 // (2 * piece * layers) if config.num_kv_blocks is None else 512
+        auto = max(16, min(512, budgeted))
+        scratch = config.scratch_blocks or auto
+        prefetch = (config.prefetch_blocks or auto) if self._prefetch(config) else 0
+        return scratch, prefetch
+
+    def _prefetch(self, config: EngineConfig) -> bool:
+        return self.device.type == "cuda" if config.prefetch is None else config.prefetch
 
     def _build_cache(self, config: EngineConfig):
         spec = self.spec
@@ -127,11 +150,11 @@ class ModelRunner:
                                 spec.head_dim, self.dtype, self.device)
         if spec.head_dim % 16:
             raise ValueError(f"model: head_dim {spec.head_dim} is not a multiple of 16 (value groups)")
+        scratch, prefetch = self._pools(config, spec.num_layers, spec.head_dim)
         return TieredKVCache(spec.num_layers, spec.num_kv_blocks, config.block_size, spec.num_kv_heads, spec.head_dim,
                              self.dtype, self.device, self._quantizer(config, self._headq_basis(config)),
-                             config.max_num_seqs, config.scratch_blocks,
-                             self.device.type == "cuda" if config.prefetch is None else config.prefetch, self.faults,
-                             prefetch_blocks=config.prefetch_blocks, share=config.enable_prefix_caching)
+                             config.max_num_seqs, scratch, self._prefetch(config), self.faults,
+                             prefetch_blocks=max(prefetch, 1), share=config.enable_prefix_caching)
 
     @staticmethod
     def _quantizer(config: EngineConfig, basis: torch.Tensor | None = None) -> Quantizer:

@@ -84,16 +84,18 @@ def _kv(p: argparse.ArgumentParser) -> None:
     kv.add_argument("--headq-basis", default=None,
                     help="headq: the basis `python -m engine.calibrate` wrote (default: headq.safetensors beside "
                          "the model)")
-    kv.add_argument("--scratch-blocks", type=int, default=512,
-                    help="promoted exact (block, KV head) pieces kept on the device per layer, keys and values each")
+    kv.add_argument("--scratch-blocks", type=int, default=None,
+                    help="exact (block, KV head) pieces kept on the device per layer, keys and values each (default: "
+                         "512, or what an eighth of --kv-cache-memory holds when that is fewer)")
     kv.add_argument("--shadow-memory", type=parse_bytes, default="2GiB",
                     help="host bytes for tier-2 shadows; with --kv-cache-memory it caps the number of blocks")
     kv.add_argument("--prefetch", choices=("auto", "on", "off"), default="auto",
                     help="start tier-2 fetches the next step will likely need (auto: on with CUDA, off on a CPU, where "
                          "a fetch is a memcpy nothing overlaps)")
     kv.add_argument("--no-prefetch", dest="prefetch", action="store_const", const="off", help="--prefetch off")
-    kv.add_argument("--prefetch-blocks", type=int, default=512,
-                    help="per layer: prefetched (block, KV head) pieces held on the device until used")
+    kv.add_argument("--prefetch-blocks", type=int, default=None,
+                    help="per layer: prefetched (block, KV head) pieces held on the device until used (default: as "
+                         "the scratch's default)")
 
 
 def _security(p: argparse.ArgumentParser) -> None:

@@ -137,3 +137,34 @@ def test_an_attention_argument_certkv_does_not_implement_is_refused_at_load(tmp_
     path = build_tiny_model(tmp_path / "gemma2", "gemma2", kv_heads=2, head_dim=16, attn_logit_softcapping=50.0)
     with pytest.raises(UnsupportedAttention, match="softcap=50.0"):
         make_engine(path, kv_mode="certified")
+
+
+def device_bytes(cache) -> int:
+    """Every tensor the tiered cache holds on its device, counted once, plus its prefetch pool's capacity."""
+    tensors = [getattr(layer, n) for layer in cache.layers for n in layer.__slots__] + cache.centre + cache.radius
+    for scratch in cache.scratch:
+        tensors += [*scratch.data.values(), scratch.norms, scratch._slots, *scratch.score.values(),
+                    *scratch.owner.values()]
+    held = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in tensors}.values())
+    pool = cache.copy.limit * cache.block_size * cache.head_dim * cache.dtype.itemsize if cache.copy.enabled else 0
+    return held + pool * len(cache.layers)
+
+
+@pytest.mark.parametrize("budget,prefetch", [(1 << 22, False), (3 << 20, True), (1 << 30, False)])
+def test_the_tiered_cache_fits_its_device_budget(tiny_llama, budget, prefetch):
+    """--kv-cache-memory bounds the tiered cache's whole device footprint: blocks, the scratch, the prefetch pool and
+    the partial-block buffers; the pools shrink with a small budget (an eighth of it at most for the scratch)."""
+    engine = make_engine(tiny_llama, num_kv_blocks=None, kv_cache_memory=budget, shadow_memory=1 << 30,
+                         kv_mode="certified", prefetch=prefetch)
+    cache = engine.runner.cache
+    assert engine.spec.num_kv_blocks > 0 and device_bytes(cache) <= budget
+    scratch_bytes = sum(t.numel() * t.element_size() for s in cache.scratch for t in s.data.values())
+    assert cache.scratch[0].capacity == 512 or scratch_bytes <= budget // 8
+    if budget < 1 << 30:
+        assert cache.scratch[0].capacity < 512
+    assert cache.copy.enabled == prefetch
+
+
+def test_a_budget_smaller_than_the_pools_is_refused_by_name(tiny_llama):
+    with pytest.raises(ValueError, match="kv_cache_memory.*fixed pools"):
+        make_engine(tiny_llama, num_kv_blocks=None, kv_cache_memory=1 << 16, kv_mode="certified", scratch_blocks=64)

@@ -169,6 +169,19 @@ class TieredKVCache:
         per_block = 2 * 4 + 2 * 4  # eps and kappa (float32), k_slot and v_slot (int32)
         return bytes_per_token(quantizer, head_dim, block_size) + per_token + per_block / block_size
 
+    @staticmethod
+    def fixed_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                    max_seqs: int, scratch_blocks: int, prefetch_blocks: int) -> int:
+        """Device bytes that do not grow with the number of blocks: per layer the scratch (exact key and value
+        pieces, their token norms, scores and owners), the prefetch pool (`prefetch_blocks` pieces of keys or
+        values at most; 0 when prefetch is off), each sequence slot's partial-block buffers and its value centre and
+        radius."""
+        piece = block_size * head_dim * dtype.itemsize
+        scratch = scratch_blocks * (2 * piece + block_size * 4) + 2 * (scratch_blocks + 1) * (4 + 16)
+        prefetch = prefetch_blocks * piece
+        slots = max_seqs * (2 * block_size * num_kv_heads * head_dim * dtype.itemsize + num_kv_heads * (head_dim + 1) * 4)
+        return num_layers * (scratch + prefetch + slots)
+
     def tier1_bytes_per_token(self) -> float:
         return self.tier1_bytes(self.quantizer, self.head_dim, self.block_size)
 
