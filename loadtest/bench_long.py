@@ -127,16 +127,11 @@ def score(engine, windows: list[tuple[list[int], list[int]]], mode: str) -> dict
 def memory(engine) -> dict:
     """Device bytes per token of capacity, certified cache (pools included) and a dense cache in the same dtype."""
     cache, spec = engine.runner.cache, engine.spec
-    tensors = [getattr(layer, n) for layer in cache.layers for n in layer.__slots__] + cache.centre + cache.radius
-    tensors += [s.score[kind] for s in cache.scratch for kind in "kv"] + [s.norms for s in cache.scratch]
-    unique = {t.data_ptr(): t for t in tensors}
-    held = sum(t.numel() * t.element_size() for t in unique.values())
-    prefetch = (cache.copy.limit * 2 * spec.block_size * spec.head_dim * cache.dtype.itemsize * spec.num_layers
-                if cache.copy.enabled else 0)
+    total = cache.device_bytes()
     tokens = spec.num_kv_blocks * spec.block_size
     dense = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * cache.dtype.itemsize
-    return {"certified_bytes_per_token": round((held + prefetch) / tokens, 1), "dense_bytes_per_token": dense,
-            "ratio": round((held + prefetch) / tokens / dense, 4), "scratch_pieces_per_layer": cache.scratch[0].capacity,
+    return {"certified_bytes_per_token": round(total / tokens, 1), "dense_bytes_per_token": dense,
+            "ratio": round(total / tokens / dense, 4), "scratch_pieces_per_layer": cache.scratch[0].capacity,
             "prefetch_pieces_per_layer": cache.copy.limit if cache.copy.enabled else 0}
 
 

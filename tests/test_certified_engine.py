@@ -139,17 +139,6 @@ def test_an_attention_argument_certkv_does_not_implement_is_refused_at_load(tmp_
         make_engine(path, kv_mode="certified")
 
 
-def device_bytes(cache) -> int:
-    """Every tensor the tiered cache holds on its device, counted once, plus its prefetch pool's capacity."""
-    tensors = [getattr(layer, n) for layer in cache.layers for n in layer.__slots__] + cache.centre + cache.radius
-    for scratch in cache.scratch:
-        tensors += [*scratch.data.values(), scratch.norms, scratch._slots, *scratch.score.values(),
-                    *scratch.owner.values()]
-    held = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in tensors}.values())
-    pool = cache.copy.limit * cache.block_size * cache.head_dim * cache.dtype.itemsize if cache.copy.enabled else 0
-    return held + pool * len(cache.layers)
-
-
 @pytest.mark.parametrize("budget,prefetch", [(1 << 22, False), (3 << 20, True), (1 << 30, False)])
 def test_the_tiered_cache_fits_its_device_budget(tiny_llama, budget, prefetch):
     """--kv-cache-memory bounds the tiered cache's whole device footprint: blocks, the scratch, the prefetch pool and
@@ -157,7 +146,7 @@ def test_the_tiered_cache_fits_its_device_budget(tiny_llama, budget, prefetch):
     engine = make_engine(tiny_llama, num_kv_blocks=None, kv_cache_memory=budget, shadow_memory=1 << 30,
                          kv_mode="certified", prefetch=prefetch)
     cache = engine.runner.cache
-    assert engine.spec.num_kv_blocks > 0 and device_bytes(cache) <= budget
+    assert engine.spec.num_kv_blocks > 0 and cache.device_bytes() <= budget
     scratch_bytes = sum(t.numel() * t.element_size() for s in cache.scratch for t in s.data.values())
     assert cache.scratch[0].capacity == 512 or scratch_bytes <= budget // 8
     if budget < 1 << 30:

@@ -192,6 +192,17 @@ class TieredKVCache:
     def prefetch_counts(self) -> tuple[int, int]:
         return self.copy.stats.hits, self.copy.stats.misses
 
+    def device_bytes(self) -> int:
+        """Every tensor this cache allocated on its device, each counted once, plus the prefetch pool's capacity
+        (its pieces are allocated as they arrive): what --kv-cache-memory must hold (fixed_bytes is its estimate)."""
+        tensors = [getattr(layer, n) for layer in self.layers for n in layer.__slots__] + self.centre + self.radius
+        for scratch in self.scratch:
+            tensors += [*scratch.data.values(), scratch.norms, scratch._slots, *scratch.score.values(),
+                        *scratch.owner.values()]
+        held = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in tensors}.values())
+        piece = self.block_size * self.head_dim * self.dtype.itemsize
+        return held + (self.copy.limit * piece * len(self.layers) if self.copy.enabled else 0)
+
     def tier_bytes(self, blocks_used: int) -> dict[str, int]:
         tokens_heads = blocks_used * self.block_size * self.kv_heads * len(self.layers)
         scratch_piece = self.block_size * self.head_dim * self.dtype.itemsize
