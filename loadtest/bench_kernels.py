@@ -195,15 +195,11 @@ def bench_e2e(args, device) -> list[dict]:
 
 
 def device_bytes(cache) -> int:
-    """Device bytes the KV cache allocated: the dense paged cache, or tier 1 (codes, metadata, annotations, the
-    partial-block buffers, the scratch) with each sequence's centre and radius (prefetched pieces come and go: on
-    CUDA the peak allocation counts them)."""
-    if hasattr(cache, "layers"):
-        tensors = [getattr(layer, n) for layer in cache.layers for n in layer.__slots__] + cache.centre + cache.radius
-    else:
-        tensors = cache.k + cache.v
-    unique = {t.data_ptr(): t for t in tensors}
-    return sum(t.numel() * t.element_size() for t in unique.values())
+    """Device bytes the KV cache allocated: the dense paged cache, or the tiered cache's whole device footprint
+    (TieredKVCache.device_bytes: tier 1, the scratch, partial blocks, the prefetch pool's capacity)."""
+    if hasattr(cache, "device_bytes"):
+        return cache.device_bytes()
+    return sum(t.numel() * t.element_size() for t in cache.k + cache.v)
 
 
 def table(rows: list[dict]) -> str:

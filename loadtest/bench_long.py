@@ -3,7 +3,8 @@ against dense, with the escalations, the tier-2 traffic and the device memory pe
 
 For each context length and each configuration (bit setting, scratch), one tiered engine serves every item in dense
 mode (the exact computation from the shadows), quantized mode (tier 1 only) and certified mode, with the server's
-own defaults otherwise:
+own defaults otherwise, prefix caching included: the quantized and certified runs of an item start from the blocks
+its dense run wrote (quantized once, at write time), as a repeated prompt does in serving:
   passkey   a five-digit number hidden at several depths in filler text; the greedy answer (up to 12 tokens) of every
             mode is compared with dense's;
   needles   several keys of several doors in the same filler; one door asked;

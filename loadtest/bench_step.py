@@ -212,7 +212,7 @@ class PartTimer:
         setattr(owner, name, timed)
         self.restore.append((owner, name, original))
 
-    def __exit__(self, *exc):
+    def restore_all(self) -> None:
         for owner, name, original in reversed(self.restore):
             setattr(owner, name, original)
 
@@ -221,7 +221,6 @@ def timed_steps(engine, steps: int) -> tuple[list[float], Counter]:
     import engine.kv.escalation as escalation
     import engine.kv.tiers as tiers
     import engine.kv.scratch as scratch
-    import engine.sampler as sampler_module
     import engine.engine as engine_module
 
     timer = PartTimer()
@@ -242,8 +241,7 @@ def timed_steps(engine, steps: int) -> tuple[list[float], Counter]:
             engine.step()
             times.append(time.perf_counter() - start)
     finally:
-        timer.__exit__()
-    del sampler_module
+        timer.restore_all()
     total = Counter({part: seconds / steps for part, seconds in timer.seconds.items()})
     return times, total
 

@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m server.client") -
             messages = []
             for message in stub.Generate(build_request(args), timeout=args.timeout, metadata=metadata):
                 print(json_line(message) if args.json else message.text, end="\n" if args.json else "", flush=True)
-                messages.append(message)
+                if not args.json:  # kept for the summary lines
+                    messages.append(message)
         except grpc.RpcError as exc:
             print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1

@@ -83,3 +83,19 @@ def test_compiled_flags_tally_and_scratch():
         else:
             assert tally.evaluations.sum() == 0
     assert torch.allclose(scores["k"], expected["k"]) and torch.allclose(scores["v"], expected["v"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_query_escalates_instead_of_failing_the_step(bad):
+    """A non-finite query (a model gone wrong for one sequence) leaves every weight undefined: the compiled call must
+    not raise (it divided by a zero sum), and that row's heads must not be accepted, so the ladder recomputes them
+    exactly, as the twin's non-finite bound makes it do; the other row is decoded as usual."""
+    lengths = [40, 33]
+    layer, view, quantizer = random_layer(lengths, 2, 64, (8, 4), promoted=0, seed=5)
+    q = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(5))
+    q[0, 1, 3] = bad
+    decoded = cpu.decode_layer(q, layer, view, 64 ** -0.5, quantizer, torch.full((3, 2), 3.0), torch.full((2,), 0.2))
+    assert decoded.escalate
+    result = decoded.result()
+    assert not result.bound[0, 0, 1] <= result.limit[0, 0, 1]  # [row, KV head, query head of its group]
+    assert (result.bound[1] <= result.limit[1]).all() and torch.isfinite(result.out[1]).all()

@@ -136,7 +136,8 @@ class Ladder:
             for i in range(batch):
                 for h in range(heads):
                     for kind in range(kinds):
-                        ranked = flat[offset + ((i * heads + h) * kinds + kind) * count:][:count]
+                        first = offset + ((i * heads + h) * kinds + kind) * count
+                        ranked = flat[first:first + count]
                         if picked := [b for b in ranked if b >= 0]:
                             self.cache.prefetch(layer, picked, h, "kv"[kind])
             offset += tensor.numel()

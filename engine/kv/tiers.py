@@ -571,7 +571,6 @@ class TieredKVCache:
             assert self.holders[blocks[start // bs]] == 1, "a sequence would write into a block another one holds"
             if start == 0:
                 lists["fresh_rows"] += range(row0, row0 + end - start)
-            if start == 0:
                 lists["fresh_slots"].append(slot)
             first_end = min(end, (start // bs + 1) * bs)  # tokens of the first touched block go to the tail
             lists["tail_dst"] += [slot * bs + p % bs for p in range(start, first_end)]
