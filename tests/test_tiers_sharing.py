@@ -85,6 +85,24 @@ def test_releasing_one_sharer_keeps_what_the_others_use():
     assert h.cache.in_use()["scratch_pieces"] == 0 and h.cache.in_use()["held_blocks"] == 0
 
 
+def test_every_group_the_ladder_escalates_has_its_record():
+    """Two sequences that read the same shared blocks with the same query want the same pieces; the layer fetches
+    each piece once, and the group that did not fetch it still escalated: it keeps its record (0 blocks moved), so
+    spans and per-request counts see every escalation. Each record stands for the G query heads of its group."""
+    h = Harness(4, 2, seed=7, scratch=64)  # a seed where the two groups promote the same pieces at rung 2
+    policy = KVPolicy(KVMode.CERTIFIED, 0.05)
+    h.step({"w": random_kv(h.gen, 64, "outlier")}, policy)
+    h.share("w", "a", 4)
+    h.step({"a": random_kv(h.gen, 3, "outlier")}, policy)
+    for _ in range(2):
+        query = torch.randn(1, HKV * G, D, generator=h.gen) * 3
+        h.step({rid: random_kv(h.gen, 1, "outlier") for rid in ("w", "a")}, policy, q=query.expand(2, -1, -1))
+    for rid in ("w", "a"):
+        rungs = h.cache.stats[rid].rungs
+        records = [r.rung for r in h.cache.records if r.engine_id == rid]
+        assert [G * records.count(rung) for rung in (1, 2, 3)] == rungs[1:4], (rid, rungs, records)
+
+
 @settings(max_examples=200, deadline=None)
 @given(seed=st.integers(0, 2**31), blocks=st.integers(1, 6), scale=st.sampled_from([1e-3, 1.0, 300.0]),
        offset=st.sampled_from([0.0, 700.3, -1e4]), dtype=st.sampled_from([torch.float32, torch.bfloat16]))

@@ -167,6 +167,8 @@ class Ladder:
                     wanted[kind].setdefault((block, h), (i, h))
             rerun[(i, h)] = 2 if keys else 1
         moved |= self._promote(layer, plan, wanted)
+        for group in rerun:  # a group whose pieces another group of the layer fetched first (shared blocks)
+            moved.setdefault(group, (0, 0, 0.0, True))
         if rerun:
             exact |= self._rerun(layer, q, view, scale, radius, tol, rerun, state)
         exact |= {(i, h) for i in broken.nonzero().flatten().tolist() for h in range(out.shape[1])}
