@@ -289,16 +289,13 @@ class TieredKVCache:
             slot = self.slots[batch.request_ids[seq]]
             for layer in range(len(self.layers)):
                 self.centre[layer][slot], self.radius[layer][slot] = centre[layer], radius[layer]
-        firsts = sorted({batch.block_ids[s][0] for s in seqs})
-        index, capacity = torch.tensor(firsts), self.scratch[0].capacity
-        blocks = index.repeat_interleave(self.kv_heads).to(self.device)[:capacity]
-        heads = torch.arange(self.kv_heads, device=self.device).repeat(len(firsts))[:capacity]
-        for layer, scratch in enumerate(self.scratch):
+        index = torch.tensor(sorted({batch.block_ids[s][0] for s in seqs}))
+        for layer in range(len(self.layers)):
             self.verify(layer, [batch.request_ids[s] for s in seqs], [batch.block_ids[s][:1] for s in seqs],
                         [batch.client_ids[s] for s in seqs])
-            for kind, shadow in (("k", self.shadow_k[layer]), ("v", self.shadow_v[layer])):
-                data = shadow[index].transpose(1, 2).flatten(0, 1)[:capacity]  # [n * Hkv, bs, D]
-                scratch.put(kind, blocks, heads, data.to(self.device))
+            keys, values = (shadow[layer][index].transpose(1, 2).to(self.device)  # [n, Hkv, bs, D]
+                            for shadow in (self.shadow_k, self.shadow_v))
+            self._keep_filled(layer, index.to(self.device), keys, values)
 
     def forward(self, layer, q, k, v, batch, scale, window: int | None = None):
         plan = self._windowed(batch, window)
@@ -535,9 +532,10 @@ class TieredKVCache:
         self.verified[layer][blocks] = False
 
     def _keep_filled(self, layer: int, blocks: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """A sequence's block that just filled in the tail buffer stays exact in the scratch (no tier-2 fetch: the
-        data is on the device), competing for its slot by attention like any promoted piece: the recent window and
-        the attention sink (a prompt's first block) are where quantization errors cost the most."""
+        """Blocks whose exact keys and values [n, Hkv, bs, D] are at hand (one that just filled in the tail buffer, or
+        the first block of a sequence that starts from shared ones) stay exact in the scratch, competing for their
+        slots by attention like any promoted piece: the recent window and the attention sink (a prompt's first block)
+        are where quantization errors cost the most."""
         heads = torch.arange(self.kv_heads, device=self.device).repeat(len(blocks))[: self.scratch[layer].capacity]
         repeated = blocks.repeat_interleave(self.kv_heads)[: len(heads)]
         for kind, data in (("k", keys), ("v", values)):
