@@ -75,12 +75,14 @@ def build_forward_batch(output: SchedulerOutput, block_size: int, device: torch.
     def tensor(values):
         return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
 
+    slot_mapping_host = torch.tensor(slots, dtype=torch.int64)
+
     return ForwardBatch(
         request_ids=[item.request_id for item in output.scheduled],
         input_ids=tensor(input_ids),
         positions=tensor(positions),
-        slot_mapping=tensor(slots),
-        slot_mapping_host=torch.tensor(slots, dtype=torch.int64),
+        slot_mapping=slot_mapping_host.to(device, non_blocking=True),
+        slot_mapping_host=slot_mapping_host,
         block_tables=tensor(tables),
         context_lens=tensor([s + len(item.token_ids) for s, item in zip(starts, output.scheduled)]),
         query_starts=query_starts,

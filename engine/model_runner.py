@@ -127,7 +127,8 @@ class ModelRunner:
                              f"cache's fixed pools ({fixed} bytes: scratch, prefetch pool and partial blocks of "
                              f"{config.max_num_seqs} sequences) and one block; raise it, or lower scratch_blocks, "
                              "prefetch_blocks or max_num_seqs")
-        return int(min((config.kv_cache_memory - fixed) // tier1, config.shadow_memory // dense))
+        summaries = layers * kv_heads * (head_dim + 1) * 4 if config.enable_prefix_caching else 0  # host, a block
+        return int(min((config.kv_cache_memory - fixed) // tier1, config.shadow_memory // (dense + summaries)))
 
     def _pools(self, config: EngineConfig, layers: int, head_dim: int) -> tuple[int, int]:
         """(scratch pieces, prefetch pieces) per layer. Unset, each is 512, or as many pieces as fit an eighth of

@@ -157,3 +157,14 @@ def test_the_tiered_cache_fits_its_device_budget(tiny_llama, budget, prefetch):
 def test_a_budget_smaller_than_the_pools_is_refused_by_name(tiny_llama):
     with pytest.raises(ValueError, match="kv_cache_memory.*fixed pools"):
         make_engine(tiny_llama, num_kv_blocks=None, kv_cache_memory=1 << 16, kv_mode="certified", scratch_blocks=64)
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_the_shadows_and_block_summaries_fit_the_host_budget(tiny_llama, caching):
+    budget = 3 << 20
+    engine = make_engine(tiny_llama, num_kv_blocks=None, kv_cache_memory=1 << 30, shadow_memory=budget,
+                         kv_mode="certified", enable_prefix_caching=caching)
+    cache = engine.runner.cache
+    host = sum(t.numel() * t.element_size() for t in [*cache.shadow_k, *cache.shadow_v, cache.block_mean,
+                                                        cache.block_reach])
+    assert 0 < host <= budget and (cache.block_mean.numel() > 0) == caching

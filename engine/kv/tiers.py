@@ -121,8 +121,9 @@ class TieredKVCache:
         self.blocks: dict[str, list[int]] = {}  # each live request's block table, as of its last step
         self.holders: dict[int, int] = {}  # block -> live requests holding it (prefix caching shares blocks)
         # Per layer, filled block and KV head: the mean of its exact values and a radius around it (host, float32)
-        self.block_mean = torch.zeros(num_layers, num_blocks, num_kv_heads, head_dim)
-        self.block_reach = torch.zeros(num_layers, num_blocks, num_kv_heads)
+        summarised = num_blocks if share else 0  # only shared blocks are read through their summaries
+        self.block_mean = torch.zeros(num_layers, summarised, num_kv_heads, head_dim)
+        self.block_reach = torch.zeros(num_layers, summarised, num_kv_heads)
         self._corrupt: set[int] = set()  # blocks that failed verification, for corrupt_blocks()
         self._free_slots = list(range(max_seqs - 1, -1, -1))
         self.stats: dict[str, CertificateStats] = {}
@@ -186,8 +187,9 @@ class TieredKVCache:
         return self.tier1_bytes(self.quantizer, self.head_dim, self.block_size)
 
     def tier2_bytes_per_token(self) -> float:
-        """Shadows, and the blocks' value summaries (block_mean, block_reach)."""
-        return 2 * self.head_dim * self.dtype.itemsize + (self.head_dim + 1) * 4 / self.block_size
+        """Shadows, and the blocks' value summaries (block_mean, block_reach) when blocks may be shared."""
+        summaries = (self.head_dim + 1) * 4 / self.block_size if self.share else 0
+        return 2 * self.head_dim * self.dtype.itemsize + summaries
 
     def prefetch_counts(self) -> tuple[int, int]:
         return self.copy.stats.hits, self.copy.stats.misses
