@@ -251,6 +251,7 @@ class DecodeAccumulators:
     key_dots: torch.Tensor  # [Bd, Hkv, G, nb, 2]: Quantizer.key_contractions (min-max: sum |q| scale, sum |q| |zero|)
     value_max: torch.Tensor  # [Bd, Hkv, nb + 1]: max_j n_j over the block's attended tokens
     out_dots: torch.Tensor | None = None  # [Bd, Hkv, G, nb + 1]: O . sum_(j in b) p^_j v^_j (the twin: O is known)
+    extra_terms: int = 0  # terms added to n in gamma_n for the kernel's dots and sums (certificate.tensor_core_terms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +274,7 @@ class DecodeResult:
     cast: torch.Tensor  # ||O cast to q's dtype - O||: the rounding of what attention serves
     value_scale: torch.Tensor  # [Bd, Hkv, 1]: max_j n_j
     broken: torch.Tensor  # [Bd, Hkv] bool: some annotation of a quantized block is not finite (rung 4)
-    length: int  # tokens attended per row, padding included (for gamma_L)
+    length: int  # tokens attended per row, padding included, plus the kernel's extra_terms: the n of gamma_n
     bound: torch.Tensor | None = None  # [Bd, Hkv, G]: the bound and limit, when the kernel checked them itself
     limit: torch.Tensor | None = None  # (the compiled CPU path; else escalation.check computes them)
     mass: torch.Tensor | None = None  # [Bd, nb, Hkv]: each block's largest mass over the group (else from rho)
@@ -343,6 +344,7 @@ def finish_decode(acc: DecodeAccumulators, q, layer: QuantizedLayer, view: Decod
     rounding of the output into q's dtype (what attention serves)."""
     batch, kv_heads, groups, nb = acc.key_dots.shape[:4]
     bs, dim = layer.tail_k.shape[1], q.shape[-1]
+    length = (nb + 1) * bs + acc.extra_terms  # the n of the rounding terms' gamma_n
     present = acc.block_sums[..., 0] > 0
     weight = torch.where(present, torch.exp(acc.block_max - acc.block_max.amax(dim=-1, keepdim=True)), 0.0)
     weight = weight / (weight * acc.block_sums[..., 0]).sum(dim=-1, keepdim=True)
@@ -353,26 +355,26 @@ def finish_decode(acc: DecodeAccumulators, q, layer: QuantizedLayer, view: Decod
     dev_contrib = norm_sum + rho * out_norm[..., None] + val_contrib
     if acc.out_dots is not None:
         dev_contrib = torch.minimum(dev_contrib, block_spread(acc.out_dots, out_norm[..., None], rho, block_square,
-                                                              val_contrib, value_scale[..., None], (nb + 1) * bs, dim))
+                                                              val_contrib, value_scale[..., None], length, dim))
     slots = used_slots(layer, view)
     in_tail = (view.full[:, :, None] & (slots[..., 0] < 0)).transpose(1, 2)  # [Bd, Hkv, nb]: keys read quantized
     block_notes = take(layer.block_notes, view.block_tables).transpose(1, 2)  # [Bd, Hkv, nb, 2]
     block_delta, score_error = _key_terms(quantizer, q.float().view(batch, kv_heads, groups, dim), acc.key_dots,
                                           block_notes, (layer.k_scale, layer.k_zero), in_tail, slots[..., 0] >= 0,
-                                          layer.tail_k[view.slots], view, scale)
+                                          layer.tail_k[view.slots], view, scale, acc.extra_terms)
     mask = in_tail[:, :, None].float()
     return DecodeResult(
         out=acc.out, rho=rho, val_contrib=val_contrib, dev_contrib=dev_contrib, block_delta=block_delta, e_val=e_val,
         delta_t=block_delta.amax(dim=-1) if nb else out_norm.new_zeros(out_norm.shape),
         alpha_t=(rho[..., :nb] * mask).sum(dim=-1),
-        w_all=spread_around_output(square_sum, out_norm, e_val, value_scale, (nb + 1) * bs, dim),
+        w_all=spread_around_output(square_sum, out_norm, e_val, value_scale, length, dim),
         w_tail=(dev_contrib[..., :nb] * mask).sum(dim=-1), score_error=score_error, value_scale=value_scale,
-        rms_low=rms_lower_bound(low_square, block_delta, rho, score_error, (nb + 1) * bs, dim),
+        rms_low=rms_lower_bound(low_square, block_delta, rho, score_error, length, dim),
         cast=cast_error(acc.out, acc.out.to(q.dtype)),
         broken=~(torch.isfinite(torch.where(in_tail, block_notes[..., 0], 0.0)).all(dim=-1)
                  & torch.isfinite(acc.block_sums[..., 1:]).all(dim=(2, 3, 4))
                  & torch.isfinite(acc.value_max).all(dim=-1)),
-        length=(nb + 1) * bs,
+        length=length,
     )
 
 
@@ -405,12 +407,12 @@ def _token_terms(stored, value_quant, exact_norms, tail_v, view):
     return terms
 
 
-def _key_terms(quantizer, grouped, key_dots, block_notes, key_meta, in_tail, promoted, tail_k, view, scale):
+def _key_terms(quantizer, grouped, key_dots, block_notes, key_meta, in_tail, promoted, tail_k, view, scale, extra=0):
     """(Delta_b per block [Bd, Hkv, G, nb], the float32 score error bound [Bd, Hkv, G]) from the metadata: the
     contractions of |q| with each block's scales and |zeros| give sum_c |q_c| step_c (Delta's channel form) and a
     bound of sum_c |q_c| |k^_jc|; exact keys of promoted blocks obey |k_jc| <= |k^_jc| + kappa_b step_c. The score
     error covers the dot product (gamma_D) and the two roundings of a dequantization that may differ from the twin's
-    (a kernel's fused multiply-add): gamma_(D+2)."""
+    (a kernel's fused multiply-add): gamma_(D+2), and `extra` more terms for a kernel's tensor-core dots."""
     nb = key_dots.shape[3]
     q_abs = grouped.abs()
     step_dot, magnitude = quantizer.key_dots(key_dots[..., 0], key_dots[..., 1], q_abs.sum(dim=-1, keepdim=True))
@@ -426,7 +428,7 @@ def _key_terms(quantizer, grouped, key_dots, block_notes, key_meta, in_tail, pro
     partial = view.valid[:, -tail_k.shape[1]:][:, None, :]  # [Bd, 1, bs]
     tail_norm = (tail_k.float().norm(dim=-1).transpose(1, 2) * partial).amax(dim=-1)  # [Bd, Hkv]
     largest = torch.maximum(magnitude.amax(dim=-1) if nb else q_norm * 0, q_norm * tail_norm[..., None])
-    return block_delta, gamma(grouped.shape[-1] + 2) * scale * largest
+    return block_delta, gamma(grouped.shape[-1] + 2 + extra) * scale * largest
 
 
 def touch_scratch(score_k, score_v, slots, tables, num_full, mass, decay: float) -> None:

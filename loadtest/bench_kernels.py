@@ -5,6 +5,7 @@ decode:  certified paged decode attention (the Triton kernel, and the kernel plu
          8 KV heads, 32 query heads), random data, contexts 4K-128K and batches 1-64 (combinations whose dense
          cache exceeds --max-dense-gib are skipped). Achieved bandwidth = bytes the op must read / its latency,
          against the device's measured copy bandwidth (the roofline).
+sweep:   the Triton kernel at each number of warps and pipeline stages, one shape (the winner goes into LAUNCH).
 e2e:     decode tokens/s of LLMEngine in dense and certified mode on a random-weight model with Llama-3-8B layer
          shapes (--e2e-layers of them: the attention/weights ratio per layer is the 8B model's).
 
@@ -15,6 +16,7 @@ e2e:     decode tokens/s of LLMEngine in dense and certified mode on a random-we
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import sys
@@ -30,6 +32,11 @@ sys.path.insert(0, str(ROOT))
 
 from engine.kv.quantizers import META_DTYPE, VALUE_GROUP, Codes, MinMaxQuantizer  # noqa: E402
 from kernels import certified_decode, decode_accumulators, reference, use_triton  # noqa: E402
+
+try:  # the Triton module (kernels.certified_decode is the dispatching function): its launcher takes launch=, certify=
+    triton_decode = importlib.import_module("kernels.certified_decode")
+except ImportError:  # no Triton
+    triton_decode = None
 
 BS = 16
 
@@ -127,11 +134,37 @@ def bench_decode(batch, context, args, device, dtype, peak) -> dict:
     row["certified_kernel_ms"] = timed(lambda: decode_accumulators(q, layer, view, scale, quantizer), device,
                                        args.repeats)
     row["certified_total_ms"] = timed(lambda: certified_decode(q, layer, view, scale, quantizer), device, args.repeats)
+    if use_triton(q):  # the same kernel computing O alone: what the certificate's accumulators cost inside it
+        row["plain_kernel_ms"] = timed(lambda: triton_decode.decode_accumulators(q, layer, view, scale, quantizer,
+                                                                                 certify=False), device, args.repeats)
+        row["certificate_overhead"] = row["certified_kernel_ms"] / row["plain_kernel_ms"] - 1
     row["speedup_vs_dense"] = row["sdpa_dense_ms"] / row["certified_total_ms"]
     row["dense_gbps"] = dense_bytes / row["sdpa_dense_ms"] / 1e6
     row["certified_gbps"] = cert_bytes / row["certified_kernel_ms"] / 1e6
     row["certified_roofline_fraction"] = row["certified_gbps"] / peak
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def bench_sweep(args, device, dtype) -> list[dict]:
+    """The Triton kernel's time for each number of warps and pipeline stages, at one shape (--sweep-batch,
+    --sweep-context): the winner belongs in kernels/certified_decode.py's LAUNCH."""
+    quantizer = MinMaxQuantizer(*args.bits)
+    batch, context = args.sweep_batch, args.sweep_context
+    layer, view = random_layer(batch, context, 8, 128, args.bits, device, dtype)
+    q = torch.randn(batch, 32, 128, device=device, dtype=dtype)
+    rows = []
+    for warps in args.sweep_warps:
+        for stages in args.sweep_stages:
+            launch = {"num_warps": warps, "num_stages": stages}
+            ms = timed(lambda: triton_decode.decode_accumulators(q, layer, view, 128 ** -0.5, quantizer, launch),
+                       device, args.repeats)
+            rows.append({"bench": "sweep", "batch": batch, "context": context, "num_warps": warps,
+                         "num_stages": stages, "kernel_ms": round(ms, 4)})
+            print(json.dumps(rows[-1]), flush=True)
+    best = min(rows, key=lambda r: r["kernel_ms"])
+    print(json.dumps({"sweep_best": {"num_warps": best["num_warps"], "num_stages": best["num_stages"],
+                                     "kernel_ms": best["kernel_ms"], "in_code": triton_decode.LAUNCH}}), flush=True)
+    return rows
 
 
 def bench_e2e(args, device) -> list[dict]:
@@ -202,14 +235,19 @@ def device_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for t in cache.k + cache.v)
 
 
+def _percent(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:+.0f}%"
+
+
 def table(rows: list[dict]) -> str:
     decode = [r for r in rows if r["bench"] == "decode"]
     lines = ["| batch | context | SDPA dense ms | dequant+SDPA ms | certified kernel ms | certified + terms ms | "
-             "speedup vs dense | certified GB/s | of roofline |", "|---|---|---|---|---|---|---|---|---|"]
+             "speedup vs dense | certified GB/s | of roofline | certificate in kernel |", "|---" * 10 + "|"]
     for r in decode:
         lines.append(f"| {r['batch']} | {r['context']} | {r['sdpa_dense_ms']:.3f} | {r['dequant_sdpa_ms']:.3f} | "
                      f"{r['certified_kernel_ms']:.3f} | {r['certified_total_ms']:.3f} | {r['speedup_vs_dense']:.2f}x | "
-                     f"{r['certified_gbps']:.0f} | {100 * r['certified_roofline_fraction']:.0f}% |")
+                     f"{r['certified_gbps']:.0f} | {100 * r['certified_roofline_fraction']:.0f}% | "
+                     f"{_percent(r.get('certificate_overhead'))} |")
     return "\n".join(lines)
 
 
@@ -222,6 +260,10 @@ def main() -> None:
     parser.add_argument("--max-dense-gib", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--benches", nargs="+", default=["decode", "e2e"])
+    parser.add_argument("--sweep-batch", type=int, default=16)
+    parser.add_argument("--sweep-context", type=int, default=32768)
+    parser.add_argument("--sweep-warps", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--sweep-stages", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--e2e-layers", type=int, default=4)
     parser.add_argument("--e2e-batch", type=int, default=16)
     parser.add_argument("--e2e-context", type=int, default=4096)
@@ -235,6 +277,7 @@ def main() -> None:
     if args.smoke:
         args.contexts, args.batches, args.repeats = [40], [2], 2
         args.e2e_context, args.e2e_batch, args.e2e_new_tokens, args.e2e_kv_gib = 24, 2, 4, 1
+        args.sweep_batch, args.sweep_context, args.sweep_warps, args.sweep_stages = 1, 40, [1, 4], [1]
     peak = copy_bandwidth(device)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "copy_gbps": round(peak, 1),
             "triton": use_triton(torch.empty(0, device=device))}
@@ -249,6 +292,10 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+    if "sweep" in args.benches:
+        if triton_decode is None:
+            raise SystemExit("sweep: Triton is not installed")
+        rows += bench_sweep(args, device, dtype)
     if "e2e" in args.benches:
         rows += bench_e2e(args, device)
     print(table(rows))

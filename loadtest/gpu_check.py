@@ -4,7 +4,9 @@ H100/H200, writing JSON and logs into DIR (and DIR/summary.json: each step's sta
 Steps, each a subprocess with its own time limit, so that one failure costs only its step:
   device      the GPU, the driver and library versions
   tests       the compiled kernel tests and tests/test_cuda.py
-  kernels     bench_kernels.py decode: certified kernel vs SDPA at 4K/16K/32K/64K x batch 1/16 (Llama-3-8B shapes)
+  kernels     bench_kernels.py decode: certified kernel vs SDPA at 4K/16K/32K/64K x batch 1/16 (Llama-3-8B shapes),
+              and the kernel without the certificate's accumulators (what the certificate costs inside it)
+  sweep       the kernel's warps x pipeline stages at batch 16, 32K (the winner belongs in its LAUNCH)
   step        bench_step.py on the device: aten operations, host syncs and time per decode step, dense vs certified
   throughput  bench_throughput.py --interleaved, default model, 8 requests
   e2e-4k      the engine on a random Llama-3-8B-shaped model (4 layers), batch 16 at 4K: decode tokens/s dense vs
@@ -37,6 +39,7 @@ def steps(out: Path, smoke: bool, model: str) -> list[tuple[str, list[str], int]
             ("tests", [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py",
                        "tests/test_kernels.py::test_decode_sliding_window_masks_tokens_before_its_start"], 240),
             ("kernels", [*bench, "--smoke", "--benches", "decode", "--json", str(out / "kernels.json")], 240),
+            ("sweep", [*bench, "--smoke", "--benches", "sweep", "--json", str(out / "sweep.json")], 240),
             ("step", [PYTHON, str(ROOT / "loadtest" / "bench_step.py"), "--model", model, "--requests", "2",
                       "--steps", "1", "--prompt-tokens", "20", "--json", str(out / "step.json")], 240),
             ("throughput", [PYTHON, str(ROOT / "loadtest" / "bench_throughput.py"), "--model", model, "--interleaved",
@@ -49,7 +52,8 @@ def steps(out: Path, smoke: bool, model: str) -> list[tuple[str, list[str], int]
         ("tests", [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
                    "tests/test_cuda.py"], 120),
         ("kernels", [*bench, "--benches", "decode", "--contexts", "4096", "16384", "32768", "65536", "--batches", "1",
-                     "16", "--repeats", "10", "--json", str(out / "kernels.json")], 80),
+                     "16", "--repeats", "10", "--json", str(out / "kernels.json")], 75),
+        ("sweep", [*bench, "--benches", "sweep", "--repeats", "10", "--json", str(out / "sweep.json")], 45),
         ("step", [PYTHON, str(ROOT / "loadtest" / "bench_step.py"), "--requests", "1", "8", "32", "--steps", "3",
                   "--json", str(out / "step.json")], 60),
         ("throughput", [PYTHON, str(ROOT / "loadtest" / "bench_throughput.py"), "--interleaved", "--concurrency", "8",
@@ -57,7 +61,7 @@ def steps(out: Path, smoke: bool, model: str) -> list[tuple[str, list[str], int]
         ("e2e-4k", [*bench, "--benches", "e2e", "--e2e-layers", "4", "--e2e-batch", "16", "--e2e-context", "4096",
                     "--e2e-kv-gib", "8", "--json", str(out / "e2e-4k.json")], 45),
         ("e2e-32k", [*bench, "--benches", "e2e", "--e2e-layers", "4", "--e2e-batch", "4", "--e2e-context", "32768",
-                     "--e2e-kv-gib", "16", "--json", str(out / "e2e-32k.json")], 60),
+                     "--e2e-kv-gib", "16", "--json", str(out / "e2e-32k.json")], 55),
     ]
 
 

@@ -18,9 +18,11 @@ def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert done.returncode == 0, (done.stdout, {name: (tmp_path / s["log"]).read_text()[-2000:]
                                                 for name, s in summary["steps"].items() if s["status"] != "ok"})
-    assert set(summary["steps"]) == {"device", "tests", "kernels", "step", "throughput", "e2e-4k"}
+    assert set(summary["steps"]) == {"device", "tests", "kernels", "sweep", "step", "throughput", "e2e-4k"}
     step = json.loads((tmp_path / "step.json").read_text())["rows"]
     assert {row["mode"] for row in step} == {"dense", "certified"} and all(row["ops_per_step"] > 0 for row in step)
+    sweep = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert {(row["num_warps"], row["num_stages"]) for row in sweep} == {(1, 1), (4, 1)}
     e2e = json.loads((tmp_path / "e2e-4k.json").read_text())["rows"]
     assert {row["mode"] for row in e2e} == {"dense", "certified"}
     assert json.loads((tmp_path / "throughput.json").read_text())["rows"][0]["decode_steps"] > 0

@@ -15,8 +15,10 @@ import torch
 pytest.importorskip("triton")
 
 from engine.kv.quantizers import Codes, MinMaxQuantizer, unpack  # noqa: E402
+from kernels import certificate as cert  # noqa: E402
 from kernels import reference  # noqa: E402
-from kernels.certified_decode import decode_accumulators  # noqa: E402
+from kernels.certificate import tensor_core_terms  # noqa: E402
+from kernels.certified_decode import TILE_TOKENS, decode_accumulators  # noqa: E402
 from kernels.quantize import quantize_blocks  # noqa: E402
 from kernels.scatter import scatter_blocks  # noqa: E402
 
@@ -85,16 +87,16 @@ def test_quantize_refuses_what_it_cannot_do():
 
 
 # ---- certified decode -------------------------------------------------------------------------------------------
-def random_layer(lengths, kv_heads, dim, bits, promoted, seed, scratch=8, start=None):
+def random_layer(lengths, kv_heads, dim, bits, promoted, seed, scratch=8, start=None, bs=BS):
     """A QuantizedLayer holding len(lengths) sequences (distinct blocks each), `promoted` of the full (block, head)
     pieces also exact in the scratch, and the DecodeView of all of them (`start`: each sequence's first attended
     token, a sliding window's)."""
     generator = torch.Generator().manual_seed(seed)
     quantizer = MinMaxQuantizer(*bits)
-    fulls = [n // BS for n in lengths]
+    fulls = [n // bs for n in lengths]
     num_blocks = sum(fulls) + 1
-    keys = torch.randn(num_blocks, kv_heads, BS, dim, generator=generator) * 2
-    values = torch.randn(num_blocks, kv_heads, BS, dim, generator=generator)
+    keys = torch.randn(num_blocks, kv_heads, bs, dim, generator=generator) * 2
+    values = torch.randn(num_blocks, kv_heads, bs, dim, generator=generator)
     written = reference.quantize_blocks(keys, values, quantizer)
     slots = torch.full((num_blocks, kv_heads, 2), -1, dtype=torch.int32)
     pieces = torch.randperm(num_blocks * kv_heads * 2, generator=generator)[:min(promoted, scratch)]
@@ -105,14 +107,14 @@ def random_layer(lengths, kv_heads, dim, bits, promoted, seed, scratch=8, start=
     for i, n in enumerate(fulls):
         tables[i, :n] = torch.arange(first, first + n)
         first += n
-    tail = torch.randn(len(lengths) + 1, BS, kv_heads, dim, generator=generator)
-    scratch_v = torch.randn(scratch, BS, dim, generator=generator)
+    tail = torch.randn(len(lengths) + 1, bs, kv_heads, dim, generator=generator)
+    scratch_v = torch.randn(scratch, bs, dim, generator=generator)
     layer = reference.QuantizedLayer(
         written.keys.codes, written.keys.scale, written.keys.zero, written.values.codes, written.values.scale,
         written.values.zero, written.block_notes, written.token_notes, slots, tail, tail.flip(0).contiguous(),
-        torch.randn(scratch, BS, dim, generator=generator), scratch_v, scratch_v.norm(dim=-1))
+        torch.randn(scratch, bs, dim, generator=generator), scratch_v, scratch_v.norm(dim=-1))
     lengths = torch.tensor(lengths)
-    view = reference.make_view(tables, lengths // BS, lengths % BS, torch.arange(len(lengths)) + 1, BS,
+    view = reference.make_view(tables, lengths // bs, lengths % bs, torch.arange(len(lengths)) + 1, bs,
                                torch.ones(len(lengths), dtype=torch.bool), None if start is None else torch.tensor(start))
     move = lambda x: x.to(DEVICE)  # noqa: E731
     return (reference.QuantizedLayer(*map(move, (getattr(layer, n) for n in layer.__slots__))),
@@ -124,10 +126,13 @@ def compare(q, layer, view, quantizer, what):
     got = decode_accumulators(q, layer, view, scale, quantizer)
     want = reference.decode_accumulators(q, layer, view, scale, quantizer)
     for name in got.__slots__:
-        if name != "out_dots":  # the twin's alone: it knows O in its one pass (certificate.block_spread)
+        if name not in ("out_dots", "extra_terms"):  # out_dots: the twin's alone (it knows O in its one pass)
             assert_close(getattr(got, name), getattr(want, name), 1e-4, 1e-5, f"{what}: {name}")
-    if got.out_dots is None:
-        want = dataclasses.replace(want, out_dots=None)  # the same certificate from the same accumulators
+    # the kernel's tensor-core dots widen the certificate's rounding terms; the twin computes in IEEE float32
+    assert got.extra_terms == tensor_core_terms(q.shape[-1], TILE_TOKENS) and want.extra_terms == 0
+    # the same certificate from the same accumulators
+    want = dataclasses.replace(want, extra_terms=got.extra_terms,
+                               out_dots=want.out_dots if got.out_dots is not None else None)
     finished = [reference.finish_decode(acc, q, layer, view, scale, quantizer) for acc in (got, want)]
     for name in ("out", "rho", "e_val", "alpha_t", "delta_t", "w_tail", "rms_low", "score_error"):
         assert_close(getattr(finished[0], name), getattr(finished[1], name), 1e-4, 1e-5, f"{what}: {name}")
@@ -135,7 +140,7 @@ def compare(q, layer, view, quantizer, what):
     return got
 
 
-LONG = [2049] if GPU else []
+LONG = [2049] if GPU else [1000]
 
 
 @pytest.mark.parametrize("length", [1, 15, 16, 17, 300, *LONG])
@@ -143,6 +148,37 @@ LONG = [2049] if GPU else []
 def test_decode_lengths_and_head_dims(length, dim):
     layer, view, quantizer = random_layer([length], 2, dim, (8, 4), promoted=3, seed=length + dim)
     compare(torch.randn(1, 2 * 3, dim, device=DEVICE), layer, view, quantizer, f"L={length} D={dim}")
+
+
+@pytest.mark.parametrize("bs", [8, 32])
+def test_decode_other_block_sizes(bs):
+    """Tiles of 64 tokens are 8 blocks of 8 or 2 of 32; the partial block of 8 tokens is padded to a dot's 16 rows."""
+    for lengths in ([5], [8 * bs + 3, 3 * bs, 40 * bs + bs - 1]):
+        layer, view, quantizer = random_layer(lengths, 2, 64, (8, 4), promoted=5, seed=bs + len(lengths), bs=bs)
+        compare(torch.randn(len(lengths), 6, 64, device=DEVICE), layer, view, quantizer, f"bs={bs} L={lengths}")
+
+
+def test_decode_rounding_stays_within_the_certificates_rounding_term():
+    """The kernel's O against O computed in float64 from the same dequantized keys and values (the quantization error
+    is not in this comparison, only the arithmetic): within output_rounding, for adversarial inputs: a query with a
+    large dynamic range, values sharing a large common part (cancellation in O - mean). On a GPU this is the tensor
+    cores' arithmetic; in the interpreter numpy's float32."""
+    scale = 128 ** -0.5
+    for length in (700, 33):
+        layer, view, quantizer = random_layer([length], 2, 128, (8, 4), promoted=0, seed=length)
+        q = (torch.randn(1, 8, 128) * torch.logspace(-2, 0.5, 128)).to(DEVICE)  # channels from 1e-2 to 3
+        layer.tail_v.add_(1000.0)  # a large common part in the partial block's values
+        acc = decode_accumulators(q, layer, view, scale, quantizer)
+        result = reference.finish_decode(acc, q, layer, view, scale, quantizer)
+        tables = view.block_tables[0, :length // BS]
+        read = [quantizer.dequantize_keys(Codes(*(x[tables] for x in (layer.k_codes, layer.k_scale, layer.k_zero)))),
+                quantizer.dequantize_values(Codes(*(x[tables] for x in (layer.v_codes, layer.v_scale, layer.v_zero))))]
+        keys, values = (torch.cat([x.transpose(1, 2).flatten(0, 1), tail[view.slots[0]]])[None]
+                        for x, tail in zip(read, (layer.tail_k, layer.tail_v)))  # [1, L, Hkv, D], as attention reads
+        exact, _ = reference.reference_decode(q, keys, values, torch.tensor([length], device=DEVICE), scale)
+        rounding = cert.output_rounding(result.score_error, result.value_scale, result.length, 128).flatten()
+        error = (acc.out.flatten(0, 2).double() - exact[0]).norm(dim=-1)
+        assert bool((error <= rounding).all()), f"L={length}: {(error / rounding).max().item():.3g} x the term"
 
 
 @pytest.mark.parametrize("groups", [1, 3, 4, 8])
@@ -174,6 +210,17 @@ def test_decode_mixed_batch_equals_each_sequence_alone():
         assert_close(alone.out, together.out[i:i + 1], 1e-5, 1e-6, f"sequence {i}: out")
         assert_close(alone.block_sums[..., :nb, :], together.block_sums[i:i + 1, ..., :nb, :], 1e-5, 1e-6,
                      f"sequence {i}: block sums")
+
+
+def test_decode_without_the_certificate_computes_the_same_output():
+    """certify=False (the benchmark's measure of the certificate's cost) leaves the accumulators empty, O unchanged."""
+    layer, view, quantizer = random_layer([300, 47], 2, 64, (8, 4), promoted=4, seed=9)
+    q = torch.randn(2, 8, 64, device=DEVICE)
+    full = decode_accumulators(q, layer, view, 0.125, quantizer)
+    plain = decode_accumulators(q, layer, view, 0.125, quantizer, launch={"num_warps": 2, "num_stages": 1},
+                                certify=False)
+    assert torch.equal(plain.out, full.out)
+    assert bool((plain.block_sums == 0).all()) and bool((full.block_sums[..., 0] > 0).any())
 
 
 def test_decode_reads_promoted_blocks_from_the_scratch():
