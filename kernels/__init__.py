@@ -27,7 +27,7 @@ def use_triton(x: torch.Tensor) -> bool:
 
 def decode_path(q: torch.Tensor, quantizer) -> str:
     """Which certified decode runs for this query: "triton", "cpu" (compiled) or "twin"."""
-    if use_triton(q) and quantizer.triton:
+    if use_triton(q) and quantizer.triton and q.shape[-1] <= _decode.MAX_HEAD_DIM:
         return "triton"
     return "cpu" if cpu.runs(q, quantizer) else "twin"
 

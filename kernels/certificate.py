@@ -77,10 +77,12 @@ def tensor_core_terms(*inner: int) -> int:
     product of two TF32 numbers is exact in float32 (22 significant bits). The tensor core adds the 3m products of one
     dot with alignment to the largest exponent and truncation, not round to nearest (the behaviour measured on NVIDIA
     tensor cores by Fasi, Higham, Mikaitis and Pranesh, 2021): each addition errs by at most 2u relatively,
-    gamma_3m(2u) in all. The dots' results are added in IEEE float32 across the n / m tiles: gamma_(n/m + 1). The
-    three compose to (12.1 + 6m + n/m + 1) u plus second-order terms, at most gamma_(n + 6m + 16) for m >= 16 (checked
-    in exact arithmetic by a property test for n up to 2^19 and m up to 2^12)."""
-    return 6 * max(inner) + 16
+    gamma_3m(2u) in all. Across the n / m tiles the kernel rescales its float32 accumulator and adds each dot's result
+    (two roundings a tile; the rescaling factor multiplies the normaliser too, so its own error cancels in O), and the
+    splits' results are merged in float32 (fewer splits than tiles, a few roundings each): gamma_(3 n/m + 4) covers
+    both. The three compose to (12.1 + 6m + 3 n/m + 5) u plus second-order terms, at most gamma_(n + 6m + 20) for
+    m >= 16 (checked in exact arithmetic by a property test for n up to 2^19 and m up to 2^12)."""
+    return 6 * max(inner) + 20
 
 
 def block_deltas(q_norm: torch.Tensor, eps: torch.Tensor, q_abs_dot_scale: torch.Tensor, kappa: torch.Tensor,

@@ -30,6 +30,7 @@ PRECISION = "tf32x3"  # float32 accuracy from tensor cores (tl.dot on float32 de
 # Warps and pipeline stages: the benchmark's sweep (bench_kernels.py --sweep) picks them on the GPU that runs it; this
 # is the choice before any sweep.
 LAUNCH = {"num_warps": 4, "num_stages": 2}
+MAX_HEAD_DIM = 128  # 90 KB of shared memory at 128 (sm_90, K8/V4); 172 KB at 256, more than an A100 has
 
 
 @triton.jit
@@ -157,9 +158,10 @@ def _decode_kernel(q_ptr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, to
                          value_max, TB, BS, GP)
         acc, m_i, l_i = _attend(acc, m_i, l_i, s, valid, v, PRECISION)
     if (start <= full) & (full < start + blocks_per_split):  # the partial block, exact, reported last (index nb)
-        t = tl.arange(0, PB)  # the block's BS tokens, padded to a dot's 16 rows
-        valid = (t < filled) & (full * BS + t >= first)
-        at = ((tl.load(seq_slots + seq) * BS + t) * HKV + h)[:, None] * D + d[None, :]
+        # a new name: a variable of the loop above cannot change its shape inside this branch (Triton's compiler)
+        r = tl.arange(0, PB)  # the block's BS tokens, padded to a dot's 16 rows
+        valid = (r < filled) & (full * BS + r >= first)
+        at = ((tl.load(seq_slots + seq) * BS + r) * HKV + h)[:, None] * D + d[None, :]
         k = tl.load(tail_k + at, mask=valid[:, None], other=0.0).to(tl.float32)
         v = tl.load(tail_v + at, mask=valid[:, None], other=0.0).to(tl.float32)
         exact = tl.sqrt(tl.sum(v * v, axis=1))
@@ -228,12 +230,33 @@ def decode_accumulators(q, layer: QuantizedLayer, view: DecodeView, scale: float
                               value_max=value_max, extra_terms=tensor_core_terms(dim, tile * bs))
 
 
+def compile_for(arch: int, bs: int, groups: int, certify: bool = True, dim: int = 128) -> int:
+    """Compiles the kernel to a cubin for CUDA compute capability `arch` (90: Hopper) without a GPU, with K8/V4 codes,
+    float16 tier 1 and 8 KV heads; returns the shared memory it needs. Needs a process without TRITON_INTERPRET."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointers = {"k_codes": "*u8", "v_codes": "*u8", "slots": "*i32", "scratch_norms": "*fp32", "use_scratch": "*i1"}
+    pointers |= dict.fromkeys(("tables", "num_full", "tail_lens", "seq_slots", "starts"), "*i64")
+    pointers |= dict.fromkeys(("out_ptr", "split_max", "split_sum", "block_max", "block_sums", "key_dots",
+                               "value_max"), "*fp32")
+    scalars = dict.fromkeys(("scale", "shrink", "exact_shrink", "widen"), "fp32")
+    scalars |= dict.fromkeys(("nb", "splits", "blocks_per_split"), "i32")
+    constants = dict(HKV=8, G=groups, GP=max(triton.next_power_of_2(groups), 16), D=dim, BS=bs,
+                     TB=max(1, TILE_TOKENS // bs), PB=max(bs, 16), K_BITS=8, V_BITS=4, GROUP=16, PRECISION=PRECISION,
+                     CERTIFY=certify)
+    signature = {name: "constexpr" if name in constants else scalars.get(name, pointers.get(name, "*fp16"))
+                 for name in _decode_kernel.arg_names}
+    source = ASTSource(_decode_kernel, signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=LAUNCH).metadata.shared
+
+
 def _check(q, layer: QuantizedLayer, view: DecodeView, quantizer) -> None:
     batch, heads, dim = q.shape
     kv_heads, bs = layer.tail_k.shape[2], layer.tail_k.shape[1]
     if quantizer.name != "minmax":
         raise ValueError(f"certified decode: no Triton kernel for quantizer {quantizer.name!r}")
-    if heads % kv_heads or dim & (dim - 1) or bs & (bs - 1) or dim < 16:
+    if heads % kv_heads or dim & (dim - 1) or bs & (bs - 1) or not 16 <= dim <= MAX_HEAD_DIM:
         raise ValueError(f"certified decode: {heads} heads over {kv_heads} KV heads, head dim {dim}, block {bs}")
     tensors = [q, *(getattr(layer, name) for name in layer.__slots__),
                *(getattr(view, name) for name in view.__slots__)]

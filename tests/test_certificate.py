@@ -269,13 +269,13 @@ def test_a_negative_or_non_finite_bound_or_limit_is_never_accepted():
 @given(n=st.integers(1, 2**19), m=st.integers(16, 2**12))
 def test_tensor_core_terms_cover_tf32x3_dots(n, m):
     """certificate.tensor_core_terms' claim, in exact rational arithmetic: the split's error (3 + 2^-10) 2^-22, the
-    tensor core's truncated sum of the 3m products of one dot, gamma_3m(2u), and the float32 sum of the ceil(n / m)
-    dots' results, gamma_(ceil(n/m) + 1)(u), compose to at most gamma_(n + k)."""
+    tensor core's truncated sum of the 3m products of one dot, gamma_3m(2u), and the float32 accumulation and split
+    merge of the ceil(n / m) dots' results, gamma_(3 ceil(n/m) + 4)(u), compose to at most gamma_(n + k)."""
     u = Fraction(1, 2**24)
 
     def gamma_(count, unit=u):
         return count * unit / (1 - count * unit)
 
     split = (3 + Fraction(1, 2**10)) * Fraction(1, 2**22)
-    composed = (1 + split) * (1 + gamma_(3 * m, 2 * u)) * (1 + gamma_(-(-n // m) + 1)) - 1
+    composed = (1 + split) * (1 + gamma_(3 * m, 2 * u)) * (1 + gamma_(3 * -(-n // m) + 4)) - 1
     assert composed <= gamma_(n + cert.tensor_core_terms(m))

@@ -8,11 +8,17 @@ small there; on a GPU the long contexts run too.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parent.parent
 
 from engine.kv.quantizers import Codes, MinMaxQuantizer, unpack  # noqa: E402
 from kernels import certificate as cert  # noqa: E402
@@ -264,6 +270,22 @@ def test_decode_launcher_refuses_bad_inputs():
     other = type("Other", (), {"name": "hadamard", "k_bits": 8, "v_bits": 4})()
     with pytest.raises(ValueError, match="hadamard"):
         decode_accumulators(q, layer, view, 0.125, other)
+
+
+def test_decode_kernel_compiles_for_hopper_and_ampere():
+    """The interpreter runs the kernel as Python and checks none of the compiler's rules (a variable that changes
+    shape inside a branch, tl.dot's shapes, shared memory): compile it to a cubin for sm_90 and sm_80 without a GPU
+    (a process without TRITON_INTERPRET), at the engine's shapes (head dim 128, K8/V4, float16 tier 1)."""
+    cases = [(90, 16, 4, True), (90, 8, 4, True), (90, 32, 32, True), (90, 16, 4, False), (80, 16, 8, True)]
+    script = ("import json, sys; from kernels.certified_decode import compile_for; "
+              f"print(json.dumps([compile_for(*case) for case in {cases!r}]))")
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environment, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shared = json.loads(done.stdout.splitlines()[-1])
+    for (arch, *_), used in zip(cases, shared):
+        assert 0 < used <= (227 if arch == 90 else 163) * 1024
 
 
 # ---- scatter ----------------------------------------------------------------------------------------------------
