@@ -1,11 +1,11 @@
 """`python -m engine.evaluate --text FILE`: teacher-forced quality of a KV mode against dense, through the engine.
 
 The text is cut into windows of --window tokens. Each window runs twice in the same batch: once in dense mode (the
-exact computation from the shadows) and once in the mode under test (prefix caching off: each computes its own). The first token is the prompt; every later
-token is forced (teacher forcing) one decode step at a time, so every scored position goes through decode
-attention over the tiered cache exactly as serving does. Reported: perplexity of both, the mean KL(dense || mode)
-per position, the certificate aggregates (escalation rate per rung, audit violations, bound tightness) and tier-1 /
-tier-2 bytes per token relative to an FP16 dense cache (whatever dtype the model runs in).
+exact computation from the shadows) and once in the mode under test (prefix caching off: each computes its own). The
+first token is the prompt; every later token is forced (teacher forcing) one decode step at a time, so every scored
+position goes through decode attention over the tiered cache exactly as serving does. Reported: perplexity of both,
+the mean KL(dense || mode) per position, the certificate aggregates (escalation rate per rung, audit violations, bound
+tightness) and tier-1 / tier-2 bytes per token relative to an FP16 dense cache (whatever dtype the model runs in).
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ class ModelRunner:
                              f"cache's fixed pools ({fixed} bytes: scratch, prefetch pool and partial blocks of "
                              f"{config.max_num_seqs} sequences) and one block; raise it, or lower scratch_blocks, "
                              "prefetch_blocks or max_num_seqs")
-        summaries = layers * kv_heads * (head_dim + 1) * 4 if config.enable_prefix_caching else 0  # host, a block
+        summaries = layers * kv_heads * TieredKVCache.summary_bytes(head_dim) if config.enable_prefix_caching else 0
         return int(min((config.kv_cache_memory - fixed) // tier1, config.shadow_memory // (dense + summaries)))
 
     def _pools(self, config: EngineConfig, layers: int, head_dim: int) -> tuple[int, int]:

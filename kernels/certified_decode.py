@@ -27,8 +27,8 @@ from kernels.reference import DecodeAccumulators, DecodeView, QuantizedLayer
 TILE_TOKENS = 64  # tokens a tile: blocks of 16 tokens, four at a time
 BLOCKS_PER_SPLIT = 16  # without a GPU to size the grid by: blocks of 16 tokens a program walks, at most
 PRECISION = "tf32x3"  # float32 accuracy from tensor cores (tl.dot on float32 defaults to plain TF32)
-# Warps and pipeline stages: the benchmark's sweep (bench_kernels.py --sweep) picks them on the GPU that runs it; this
-# is the choice before any sweep.
+# Warps and pipeline stages: the benchmark's sweep (bench_kernels.py --benches sweep) picks them on the GPU that runs
+# it; this is the choice before any sweep.
 LAUNCH = {"num_warps": 4, "num_stages": 2}
 MAX_HEAD_DIM = 128  # 90 KB of shared memory at 128 (sm_90, K8/V4); 172 KB at 256, more than an A100 has
 
@@ -85,8 +85,8 @@ def _decode_kernel(q_ptr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, to
                    out_ptr, split_max, split_sum, block_max, block_sums, key_dots, value_max,
                    scale, shrink, exact_shrink, widen, nb, splits, blocks_per_split, HKV: tl.constexpr, G: tl.constexpr,
                    GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TB: tl.constexpr, PB: tl.constexpr,
-                   K_BITS: tl.constexpr,
-                   V_BITS: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr, CERTIFY: tl.constexpr):
+                   K_BITS: tl.constexpr, V_BITS: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
+                   CERTIFY: tl.constexpr):
     pid, split = tl.program_id(0), tl.program_id(1)
     seq, h = pid // HKV, pid % HKV
     seq_head = seq * HKV + h
@@ -193,6 +193,14 @@ def split_grid(batch: int, kv_heads: int, nb: int, tile: int, device: torch.devi
     return triton.cdiv(nb + 1, per_split), per_split
 
 
+def _constants(kv_heads: int, groups: int, dim: int, bs: int, k_bits: int, v_bits: int, certify: bool) -> dict:
+    """The kernel's compile-time arguments: the group padded to a dot's 16 rows, tiles of TILE_TOKENS, the partial
+    block padded to 16 rows."""
+    return dict(HKV=kv_heads, G=groups, GP=max(triton.next_power_of_2(groups), 16), D=dim, BS=bs,
+                TB=max(1, TILE_TOKENS // bs), PB=max(bs, 16), K_BITS=k_bits, V_BITS=v_bits, GROUP=16,
+                PRECISION=PRECISION, CERTIFY=certify)
+
+
 def decode_accumulators(q, layer: QuantizedLayer, view: DecodeView, scale: float, quantizer,
                         launch: dict | None = None, certify: bool = True) -> DecodeAccumulators:
     """`launch`: num_warps and num_stages other than LAUNCH's (the benchmark's sweep); certify=False computes O alone
@@ -202,7 +210,8 @@ def decode_accumulators(q, layer: QuantizedLayer, view: DecodeView, scale: float
     nb = view.block_tables.shape[1]
     _check(q, layer, view, quantizer)
     groups = heads // kv_heads
-    tile = max(1, TILE_TOKENS // bs)
+    constants = _constants(kv_heads, groups, dim, bs, quantizer.k_bits, quantizer.v_bits, certify)
+    tile = constants["TB"]
     splits, per_split = split_grid(batch, kv_heads, nb, tile, q.device)
     new = dict(device=q.device, dtype=torch.float32)
     out = torch.empty(batch, kv_heads, groups, splits, dim, **new)
@@ -219,9 +228,7 @@ def decode_accumulators(q, layer: QuantizedLayer, view: DecodeView, scale: float
             layer.tail_v,
             view.block_tables, view.num_full, view.tail_lens, view.slots, view.use_scratch, view.start,
             out, split_max, split_sum, block_max, block_sums, key_dots, value_max,
-            scale, norm_shrink(dim), 1 - gamma(dim + 2), 1 + gamma(dim + 2), nb, splits, per_split, HKV=kv_heads,
-            G=groups, GP=max(triton.next_power_of_2(groups), 16), D=dim, BS=bs, TB=tile, PB=max(bs, 16),
-            K_BITS=quantizer.k_bits, V_BITS=quantizer.v_bits, GROUP=16, PRECISION=PRECISION, CERTIFY=certify,
+            scale, norm_shrink(dim), 1 - gamma(dim + 2), 1 + gamma(dim + 2), nb, splits, per_split, **constants,
             **(launch or LAUNCH))
     top = split_max.amax(dim=-1, keepdim=True)
     weight = torch.where(split_sum > 0, torch.exp(split_max - top), 0.0)
@@ -242,9 +249,7 @@ def compile_for(arch: int, bs: int, groups: int, certify: bool = True, dim: int 
                                "value_max"), "*fp32")
     scalars = dict.fromkeys(("scale", "shrink", "exact_shrink", "widen"), "fp32")
     scalars |= dict.fromkeys(("nb", "splits", "blocks_per_split"), "i32")
-    constants = dict(HKV=8, G=groups, GP=max(triton.next_power_of_2(groups), 16), D=dim, BS=bs,
-                     TB=max(1, TILE_TOKENS // bs), PB=max(bs, 16), K_BITS=8, V_BITS=4, GROUP=16, PRECISION=PRECISION,
-                     CERTIFY=certify)
+    constants = _constants(8, groups, dim, bs, 8, 4, certify)
     signature = {name: "constexpr" if name in constants else scalars.get(name, pointers.get(name, "*fp16"))
                  for name in _decode_kernel.arg_names}
     source = ASTSource(_decode_kernel, signature, constexprs=constants)

@@ -180,15 +180,21 @@ class TieredKVCache:
         piece = block_size * head_dim * dtype.itemsize
         scratch = scratch_blocks * (2 * piece + block_size * 4) + 2 * (scratch_blocks + 1) * (4 + 16)
         prefetch = prefetch_blocks * piece
-        slots = max_seqs * (2 * block_size * num_kv_heads * head_dim * dtype.itemsize + num_kv_heads * (head_dim + 1) * 4)
+        tails = 2 * block_size * num_kv_heads * head_dim * dtype.itemsize
+        slots = max_seqs * (tails + num_kv_heads * (head_dim + 1) * 4)  # centre (float32) and radius
         return num_layers * (scratch + prefetch + slots)
+
+    @staticmethod
+    def summary_bytes(head_dim: int) -> int:
+        """Host bytes of one (block, KV head)'s value summary: block_mean and block_reach, float32."""
+        return (head_dim + 1) * 4
 
     def tier1_bytes_per_token(self) -> float:
         return self.tier1_bytes(self.quantizer, self.head_dim, self.block_size)
 
     def tier2_bytes_per_token(self) -> float:
         """Shadows, and the blocks' value summaries (block_mean, block_reach) when blocks may be shared."""
-        summaries = (self.head_dim + 1) * 4 / self.block_size if self.share else 0
+        summaries = self.summary_bytes(self.head_dim) / self.block_size if self.share else 0
         return 2 * self.head_dim * self.dtype.itemsize + summaries
 
     def prefetch_counts(self) -> tuple[int, int]:
