@@ -16,6 +16,7 @@ certificate (certificate.tensor_core_terms derives it).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -201,10 +202,25 @@ def _constants(kv_heads: int, groups: int, dim: int, bs: int, k_bits: int, v_bit
                 PRECISION=PRECISION, CERTIFY=certify)
 
 
-def decode_accumulators(q, layer: QuantizedLayer, view: DecodeView, scale: float, quantizer,
-                        launch: dict | None = None, certify: bool = True) -> DecodeAccumulators:
-    """`launch`: num_warps and num_stages other than LAUNCH's (the benchmark's sweep); certify=False computes O alone
-    and leaves the certificate's accumulators empty (the benchmark's measure of what the certificate costs)."""
+class Splits(NamedTuple):
+    """What the kernel writes: each split's unnormalised O and its softmax (max, sum), and the certificate's
+    per-block accumulators (reference.DecodeAccumulators' layout)."""
+
+    out: torch.Tensor  # [Bd, Hkv, G, splits, D]
+    split_max: torch.Tensor  # [Bd, Hkv, G, splits]
+    split_sum: torch.Tensor  # [Bd, Hkv, G, splits]
+    block_max: torch.Tensor
+    block_sums: torch.Tensor
+    key_dots: torch.Tensor
+    value_max: torch.Tensor
+    extra_terms: int  # certificate.tensor_core_terms of the kernel's dots
+
+
+def decode_splits(q, layer: QuantizedLayer, view: DecodeView, scale: float, quantizer, launch: dict | None = None,
+                  certify: bool = True) -> Splits:
+    """The kernel's one pass over tier 1, its splits not yet merged. `launch`: num_warps and num_stages other than
+    LAUNCH's (the benchmark's sweep); certify=False computes O alone and leaves the certificate's accumulators empty
+    (the benchmark's measure of what the certificate costs)."""
     batch, heads, dim = q.shape
     slots_count, bs, kv_heads, _ = layer.tail_k.shape
     nb = view.block_tables.shape[1]
@@ -230,11 +246,19 @@ def decode_accumulators(q, layer: QuantizedLayer, view: DecodeView, scale: float
             out, split_max, split_sum, block_max, block_sums, key_dots, value_max,
             scale, norm_shrink(dim), 1 - gamma(dim + 2), 1 + gamma(dim + 2), nb, splits, per_split, **constants,
             **(launch or LAUNCH))
-    top = split_max.amax(dim=-1, keepdim=True)
-    weight = torch.where(split_sum > 0, torch.exp(split_max - top), 0.0)
-    merged = (out * weight[..., None]).sum(dim=3) / (split_sum * weight).sum(dim=-1)[..., None]
-    return DecodeAccumulators(out=merged, block_max=block_max, block_sums=block_sums, key_dots=key_dots,
-                              value_max=value_max, extra_terms=tensor_core_terms(dim, tile * bs))
+    return Splits(out, split_max, split_sum, block_max, block_sums, key_dots, value_max,
+                  tensor_core_terms(dim, tile * bs))
+
+
+def decode_accumulators(q, layer: QuantizedLayer, view: DecodeView, scale: float, quantizer,
+                        launch: dict | None = None, certify: bool = True) -> DecodeAccumulators:
+    """decode_splits with the splits merged in PyTorch (certified_finish merges them in its kernel)."""
+    done = decode_splits(q, layer, view, scale, quantizer, launch, certify)
+    top = done.split_max.amax(dim=-1, keepdim=True)
+    weight = torch.where(done.split_sum > 0, torch.exp(done.split_max - top), 0.0)
+    merged = (done.out * weight[..., None]).sum(dim=3) / (done.split_sum * weight).sum(dim=-1)[..., None]
+    return DecodeAccumulators(out=merged, block_max=done.block_max, block_sums=done.block_sums,
+                              key_dots=done.key_dots, value_max=done.value_max, extra_terms=done.extra_terms)
 
 
 def compile_for(arch: int, bs: int, groups: int, certify: bool = True, dim: int = 128) -> int:

@@ -22,9 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from engine.kv.quantizers import Codes, MinMaxQuantizer, unpack  # noqa: E402
 from kernels import certificate as cert  # noqa: E402
+from engine.kv.escalation import check  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.certificate import tensor_core_terms  # noqa: E402
 from kernels.certified_decode import TILE_TOKENS, decode_accumulators  # noqa: E402
+from kernels.certified_finish import decode_layer  # noqa: E402
 from kernels.quantize import quantize_blocks  # noqa: E402
 from kernels.scatter import scatter_blocks  # noqa: E402
 
@@ -286,6 +288,92 @@ def test_decode_kernel_compiles_for_hopper_and_ampere():
     shared = json.loads(done.stdout.splitlines()[-1])
     for (arch, *_), used in zip(cases, shared):
         assert 0 < used <= (227 if arch == 90 else 163) * 1024
+
+
+# ---- the certificate's finish ------------------------------------------------------------------------------------
+def finish_against_twin(q, layer, view, quantizer, tolerance, certifying=None, margin=0.5, what=""):
+    """The finish kernel against its twin (finish_decode on the merged accumulators, then escalation.check): every
+    term, the bound and the limit, the same decision for every head not within 1e-4 of its limit, the same flags,
+    the scratch's masses, and O served in the query's dtype."""
+    scale = q.shape[-1] ** -0.5
+    radius = torch.rand(int(view.slots.max()) + 1, layer.tail_k.shape[2], generator=torch.Generator().manual_seed(1))
+    radius = (radius * 4 + 1).to(DEVICE)
+    done = decode_layer(q, layer, view, scale, quantizer, radius, tolerance, certifying, margin)
+    acc = decode_accumulators(q, layer, view, scale, quantizer)
+    twin = reference.finish_decode(acc, q, layer, view, scale, quantizer)
+    bound, limit = check(twin, radius[view.slots], tolerance[:, None, None])
+    got = done.result
+    for name in ("out", "rho", "val_contrib", "dev_contrib", "block_delta", "e_val", "delta_t", "alpha_t", "w_tail",
+                 "rms_low", "score_error", "value_scale"):
+        assert_close(getattr(got, name), getattr(twin, name), 1e-4, 1e-6, f"{what}: {name}")
+    assert_close(got.w_all, twin.w_all, 1e-3, 1e-3, f"{what}: w_all")  # a square root of a difference
+    assert_close(got.cast, twin.cast, 1e-3, 1e-7, f"{what}: cast")
+    assert torch.equal(got.broken, twin.broken), what
+    assert got.length == twin.length
+    huge = 1e37  # the twin's nan_to_num turns an infinite form into float32's largest number
+    assert_close(got.bound.clamp(max=huge), bound.clamp(max=huge), 1e-4, 1e-7, f"{what}: bound")
+    assert_close(got.limit, limit, 1e-4, 1e-7, f"{what}: limit")
+    clear = ((bound / limit.clamp_min(1e-30) - 1).abs() > 1e-4) | ~torch.isfinite(bound)
+    assert torch.equal((got.bound <= got.limit)[clear], (bound <= limit)[clear]), f"{what}: decisions"
+    rows = torch.ones(q.shape[0], dtype=torch.bool, device=DEVICE) if certifying is None else certifying
+    over = rows[:, None] & (~(bound <= limit).all(dim=-1) | twin.broken)
+    near = rows[:, None, None] & (bound / limit.clamp_min(1e-30) > margin)
+    assert (done.escalate, done.near) == (bool(over.any()), bool(near.any())), what
+    assert_close(got.mass, twin.block_mass(), 1e-5, 1e-7, f"{what}: masses")
+    assert done.served.dtype == q.dtype
+    assert_close(done.served.float(), acc.out.flatten(1, 2).to(q.dtype).float(), 1e-3, 1e-5, f"{what}: served")
+    return done, bound, limit
+
+
+@pytest.mark.parametrize("lengths", [[1], [15, 16, 17], [300, 47, 1], [1100]])  # 1100: 68 blocks, two chunks
+@pytest.mark.parametrize("groups", [1, 3, 4])
+def test_finish_matches_its_twin_on_awkward_shapes(lengths, groups):
+    layer, view, quantizer = random_layer(lengths, 2, 64, (8, 4), promoted=4, seed=len(lengths) + groups)
+    q = torch.randn(len(lengths), 2 * groups, 64, generator=torch.Generator().manual_seed(groups)).to(DEVICE)
+    tolerance = torch.tensor([0.02, 0.1, 0.3][:len(lengths)] * (1 + len(lengths) // 3), device=DEVICE)[:len(lengths)]
+    finish_against_twin(q, layer, view, quantizer, tolerance, what=f"L={lengths} G={groups}")
+
+
+def test_finish_serves_the_query_dtype_with_its_rounding_in_the_bound():
+    layer, view, quantizer = random_layer([300, 40], 2, 64, (8, 4), promoted=3, seed=12)
+    q = torch.randn(2, 8, 64, device=DEVICE).half()
+    done, _, _ = finish_against_twin(q, layer, view, quantizer, torch.tensor([0.1, 0.1], device=DEVICE), what="fp16")
+    assert done.served.dtype == torch.float16 and bool((done.result.cast > 0).all())
+
+
+def test_finish_windows_bits_and_decisions_on_both_sides():
+    """Sliding windows, K4/V2 codes, tolerances from hopeless to generous: some heads over their limits, some
+    accepted, some near; the flags say so only for certifying rows."""
+    lengths, start = [40, 300, 37, 17], [5, 16, 34, 0]
+    layer, view, quantizer = random_layer(lengths, 2, 64, (4, 2), promoted=3, seed=4, start=start)
+    q = torch.randn(4, 6, 64, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    tolerance = torch.tensor([1e-4, 0.05, 0.5, 2.0], device=DEVICE)
+    done, bound, limit = finish_against_twin(q, layer, view, quantizer, tolerance, what="window")
+    accepted = bound <= limit
+    assert bool(accepted.any()) and not bool(accepted.all()) and done.escalate
+    quiet = torch.tensor([False, False, True, True], device=DEVICE)  # the hopeless rows do not certify
+    finish_against_twin(q, layer, view, quantizer, tolerance, quiet, margin=0.99, what="window, two rows certifying")
+
+
+def test_finish_reports_broken_annotations():
+    layer, view, quantizer = random_layer([300, 47], 2, 64, (8, 4), promoted=0, seed=6)
+    layer.block_notes[view.block_tables[1, 1], 0, 0] = float("inf")  # sequence 1, KV head 0: an attended block
+    q = torch.randn(2, 8, 64, device=DEVICE)
+    done, _, _ = finish_against_twin(q, layer, view, quantizer, torch.tensor([0.5, 0.5], device=DEVICE),
+                                     what="broken")
+    assert done.result.broken.tolist() == [[False, False], [True, False]] and done.escalate
+
+
+def test_finish_kernel_compiles_for_hopper_and_ampere():
+    """As the decode kernel's compile test: the finish kernel's float64 terms and branches through the compiler."""
+    cases = [(90, 4), (90, 8, 64, 8), (80, 32)]
+    script = ("import json; from kernels.certified_finish import compile_for; "
+              f"print(json.dumps([compile_for(*case) for case in {cases!r}]))")
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environment, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all(0 <= used <= 48 * 1024 for used in json.loads(done.stdout.splitlines()[-1]))
 
 
 # ---- scatter ----------------------------------------------------------------------------------------------------
