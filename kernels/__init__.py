@@ -15,10 +15,11 @@ from kernels.reference import decode_attention, finish_decode, paged_attention, 
 
 try:
     from kernels import certified_decode as _decode
+    from kernels import certified_finish as _finish
     from kernels import quantize as _quantize
     from kernels import scatter as _scatter
 except ImportError:  # no Triton: the twins everywhere
-    _decode = _quantize = _scatter = None
+    _decode = _finish = _quantize = _scatter = None
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -54,6 +55,12 @@ def certified_decode(q, layer, view, scale: float, quantizer, radius=None, toler
     return finish_decode(decode_accumulators(q, layer, view, scale, quantizer), q, layer, view, scale, quantizer)
 
 
+def certify_layer(q, layer, view, scale: float, quantizer, radius, tolerance, certifying=None, margin: float = 1.0):
+    """The Triton path's certified decode of a layer with the certificate's finish on the device (the bound, the
+    limit, the flags: certified_finish.Finished). Only where decode_path says "triton"."""
+    return _finish.decode_layer(q, layer, view, scale, quantizer, radius, tolerance, certifying, margin)
+
+
 def quantize_blocks(keys, values, quantizer) -> reference.QuantizedBlocks:
     if use_triton(keys) and quantizer.triton:
         return _quantize.quantize_blocks(keys.contiguous(), values.contiguous(), quantizer)
@@ -69,5 +76,5 @@ def touch_scratch(score_k, score_v, slots, tables, num_full, mass, decay: float)
         score_k, score_v, slots, tables, num_full, mass, decay)
 
 
-__all__ = ["certified_decode", "decode_accumulators", "decode_attention", "decode_path", "paged_attention",
+__all__ = ["certified_decode", "certify_layer", "decode_accumulators", "decode_attention", "decode_path", "paged_attention",
            "prefill_attention", "quantize_blocks", "scatter_blocks", "touch_scratch"]

@@ -168,3 +168,43 @@ def test_the_shadows_and_block_summaries_fit_the_host_budget(tiny_llama, caching
     host = sum(t.numel() * t.element_size() for t in [*cache.shadow_k, *cache.shadow_v, cache.block_mean,
                                                         cache.block_reach])
     assert 0 < host <= budget and (cache.block_mean.numel() > 0) == caching
+
+
+def test_triton_path_with_the_finish_kernel_decides_as_its_twin(tiny_llama, monkeypatch):
+    """The engine on the Triton path (the decode kernel, then the finish kernel that checks every head and sets the
+    layer's flags), run by Triton's interpreter on CPU tensors, against the twin with the kernel's error accounting
+    (the triangle form of the blocks' spreads, the tensor cores' rounding terms): the same tokens and the same rung
+    for every head-step, at a tolerance where heads climb every rung of the ladder from the kernel's own bound and
+    limit; audit finds no violation."""
+    import dataclasses
+
+    import engine.kv.escalation as escalation
+    import engine.kv.tiers as tiers
+    from kernels import reference
+    from kernels.certificate import tensor_core_terms
+    from kernels.certified_decode import TILE_TOKENS
+
+    def emulated(q, layer, view, scale, quantizer, *_):
+        acc = reference.decode_accumulators(q, layer, view, scale, quantizer)
+        acc = dataclasses.replace(acc, out_dots=None, extra_terms=tensor_core_terms(q.shape[-1], TILE_TOKENS))
+        return reference.finish_decode(acc, q, layer, view, scale, quantizer)
+
+    monkeypatch.setattr(tiers, "certified_decode", emulated)
+    monkeypatch.setattr(escalation, "certified_decode", emulated)
+    prompts = random_prompts((5, 17, 40), seed=3)
+
+    def run(path: str, mode: str):
+        monkeypatch.setattr(tiers, "decode_path", lambda q, quantizer: path)
+        engine = make_engine(tiny_llama, kv_mode=mode, tolerance=0.05, scratch_blocks=4)
+        finals = {}
+        tokens = run_engine(engine, prompts, 12, finals=finals)
+        return tokens, [finals[rid].certificate for rid in sorted(finals)]
+
+    twin, twin_certs = run("twin", "certified")
+    tokens, certs = run("triton", "certified")
+    assert tokens == twin
+    assert [c.rungs for c in certs] == [c.rungs for c in twin_certs]
+    assert all(sum(c.rungs) == c.evaluations > 0 for c in certs)
+    assert all(sum(c.rungs[rung] for c in certs) > 0 for rung in range(4)), [c.rungs for c in certs]
+    audited, audit_certs = run("triton", "audit")
+    assert audited == twin and all(c.audit_violations == c.promise_violations == 0 for c in audit_certs)

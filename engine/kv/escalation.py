@@ -101,10 +101,19 @@ class Ladder:
         if auditing:
             self._audit(layer, q, plan, batch, scale, out, bound, rung)
         if not counted:
-            plan.tally.layers.append((bound, limit, rung, result.alpha_t))
+            self.count(plan, result, bound, limit, rung)
         if escalating or prefetching:
             self._prefetch(layer, result, plan, near | (rung > 0))
         return out
+
+    @staticmethod
+    def count(plan, result: DecodeResult, bound=None, limit=None, rung=None) -> None:
+        """Adds a layer's evaluations to the step's tally (account sums them at the end of the step): by default
+        every head at rung 0 with the bound and limit the kernel checked."""
+        if rung is None:
+            bound, limit = result.bound, result.limit
+            rung = torch.zeros(bound.shape[:2], dtype=torch.int64, device=bound.device)
+        plan.tally.layers.append((bound, limit, rung, result.alpha_t))
 
     def _prefetch(self, layer, result, plan, likely) -> None:
         """Groups that escalated, or were accepted with a bound above PREFETCH_MARGIN of their limit (`likely`

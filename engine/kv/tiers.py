@@ -34,7 +34,8 @@ from engine.kv.scratch import Scratch
 from engine.kv.stats import RUNGS, CertificateStats, EscalationRecord
 from engine.kv.summaries import shared_spread, summarise
 from engine.request import KVMode
-from kernels import certified_decode, cpu, decode_attention, decode_path, prefill_attention, quantize_blocks
+from kernels import (certified_decode, certify_layer, cpu, decode_attention, decode_path, prefill_attention,
+                     quantize_blocks)
 from kernels.reference import DecodeView, QuantizedLayer, gather_blocks, make_view, reference_decode
 
 
@@ -410,10 +411,11 @@ class TieredKVCache:
     def _quantized_decode(self, layer, q, plan: StepPlan, batch, scale):
         """Certified decode of the tier-1 sequences; the output served is the accepted float32 output cast to q's
         dtype, whose rounding the certificate includes (DecodeResult.cast). On the CPU the compiled kernel also
-        checks every head, touches the scratch and, when nothing escalates, counts the layer: then the ladder does
-        not run at all."""
+        checks every head, touches the scratch and, when nothing escalates, counts the layer; on a GPU the finish
+        kernel checks every head: either way, when nothing escalates or needs prefetching the ladder does not run."""
         view, quantizer, counted = plan.view, self.quantizers[layer], False
-        if decode_path(q, quantizer) == "cpu":
+        path = decode_path(q, quantizer)
+        if path == "cpu":
             decoded = cpu.decode_layer(q, self.layers[layer], view, scale, quantizer, self.radius[layer],
                                        plan.tolerance, plan.certifying, PREFETCH_MARGIN,
                                        None if plan.auditing else plan.tally, self.scratch[layer].score,
@@ -421,6 +423,14 @@ class TieredKVCache:
             if decoded.counted and not (decoded.escalate or decoded.near and self.copy.enabled):
                 return decoded.out.flatten(1, 2)  # float32, q's dtype on this path
             result, counted = decoded.result(), decoded.counted
+        elif path == "triton":  # the finish kernel checked every head: one read of its flags
+            finished = certify_layer(q, self.layers[layer], view, scale, quantizer, self.radius[layer],
+                                     plan.tolerance, plan.certifying, PREFETCH_MARGIN)
+            result = finished.result
+            self.scratch[layer].touch(view.block_tables, view.num_full, result.block_mass())
+            if not (plan.auditing or finished.escalate or finished.near and self.copy.enabled):
+                self.ladder.count(plan, result)
+                return finished.served
         else:
             result = certified_decode(q, self.layers[layer], view, scale, quantizer)
             self.scratch[layer].touch(view.block_tables, view.num_full, result.block_mass())
