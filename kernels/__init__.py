@@ -76,5 +76,5 @@ def touch_scratch(score_k, score_v, slots, tables, num_full, mass, decay: float)
         score_k, score_v, slots, tables, num_full, mass, decay)
 
 
-__all__ = ["certified_decode", "certify_layer", "decode_accumulators", "decode_attention", "decode_path", "paged_attention",
-           "prefill_attention", "quantize_blocks", "scatter_blocks", "touch_scratch"]
+__all__ = ["certified_decode", "certify_layer", "decode_accumulators", "decode_attention", "decode_path",
+           "paged_attention", "prefill_attention", "quantize_blocks", "scatter_blocks", "touch_scratch"]

@@ -125,7 +125,8 @@ class CertkvServer:
         tokenizer = await asyncio.to_thread(load_tokenizer, self.engine.runner.path)
         self.async_engine = AsyncEngine(self.engine, self.config.max_pending_requests, on_fatal=self._on_fatal,
                                         step_span=self.telemetry.step_span,
-                                        max_tokens_in_flight=self.config.max_tokens_in_flight)
+                                        max_tokens_in_flight=self.config.max_tokens_in_flight,
+                                        max_pending_per_peer=self.config.max_pending_per_peer)
         self.telemetry.watch(self.engine.live_stats)
         self.async_engine.start()
         await asyncio.to_thread(self.service.attach, self.async_engine, tokenizer)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager, nullcontext
 
@@ -31,10 +31,12 @@ HIGH_WATER, LOW_WATER = 32, 4  # outputs queued for one RPC: pause the request /
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_pending: int, on_fatal: Callable[[], None] = lambda: None,
-                 step_span: Callable[[], AbstractContextManager] = nullcontext, max_tokens_in_flight: int = 0):
+                 step_span: Callable[[], AbstractContextManager] = nullcontext, max_tokens_in_flight: int = 0,
+                 max_pending_per_peer: int = 0):
         """`on_fatal` runs on the event loop if the engine thread dies; `step_span()` wraps each engine step."""
         self.engine = engine
         self.max_pending = max_pending
+        self.max_pending_per_peer = max_pending_per_peer  # 0 = no limit
         self.on_fatal = on_fatal
         self.step_span = step_span
         self.max_tokens_in_flight = max_tokens_in_flight  # 0 = no limit
@@ -43,6 +45,7 @@ class AsyncEngine:
         self.pauses = 0
         self._paused: set[str] = set()
         self._tokens: dict[str, int] = {}  # prompt + max_new_tokens of each pending request
+        self._peers: Counter[str] = Counter()  # pending requests of each peer
         self._queues: dict[str, asyncio.Queue] = {}
         self._commands: deque[tuple[str, object]] = deque()
         self._wake = threading.Condition()
@@ -59,23 +62,31 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="certkv-engine", daemon=True)
         self._thread.start()
 
-    async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
-        """Admits the request and yields its outputs; the last one has finish_reason set."""
+    async def generate(self, request: Request, peer: str = "") -> AsyncIterator[RequestOutput]:
+        """Admits the request and yields its outputs; the last one has finish_reason set. `peer`: who sent it (one
+        peer holds at most max_pending_per_peer of the pending requests, so that it cannot refuse every other)."""
         if self.dead or not self.accepting:
             raise EngineUnavailable("the engine is not serving (starting, draining or stopped)")
         if len(self._queues) >= self.max_pending:
             raise CapacityExceeded(f"{len(self._queues)} requests pending (limit {self.max_pending})")
+        if self.max_pending_per_peer and self._peers[peer] >= self.max_pending_per_peer:
+            raise CapacityExceeded(f"{self._peers[peer]} requests pending from {peer or 'this peer'} (limit "
+                                   f"{self.max_pending_per_peer} a peer, --max-pending-per-peer)")
         tokens = request.num_prompt_tokens + request.stopping.max_new_tokens
         in_flight = sum(self._tokens.values())
         if self.max_tokens_in_flight and in_flight + tokens > self.max_tokens_in_flight:
             raise CapacityExceeded(f"{in_flight} tokens in flight; this request needs {tokens} "
                                    f"(limit {self.max_tokens_in_flight})")
         self._tokens[request.request_id] = tokens
+        self._peers[peer] += 1
         try:
             async for output in self.run(request):
                 yield output
         finally:
             del self._tokens[request.request_id]
+            self._peers[peer] -= 1
+            if not self._peers[peer]:
+                del self._peers[peer]
 
     async def run(self, request: Request) -> AsyncIterator[RequestOutput]:
         """generate() without the admission checks (warm-up)."""

@@ -113,6 +113,8 @@ def _security(p: argparse.ArgumentParser) -> None:
 def _admission(p: argparse.ArgumentParser) -> None:
     limits = p.add_argument_group("admission and lifecycle")
     limits.add_argument("--max-pending-requests", type=int, default=256, help="beyond: RESOURCE_EXHAUSTED")
+    limits.add_argument("--max-pending-per-peer", type=int, default=64,
+                        help="of those, one peer address's, so that one client cannot refuse every other (0: off)")
     limits.add_argument("--max-tokens-in-flight", type=int, default=0,
                         help="prompt + max_new_tokens summed over pending requests; beyond: RESOURCE_EXHAUSTED (0: off)")
     limits.add_argument("--max-prompt-chars", type=int, default=1 << 20,
@@ -152,7 +154,8 @@ def configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig, Telem
         tls_client_ca=read(args.tls_client_ca))
     server = ServerConfig(
         host=args.host, port=args.port, max_pending_requests=args.max_pending_requests,
-        max_tokens_in_flight=args.max_tokens_in_flight, max_prompt_chars=args.max_prompt_chars, max_message_bytes=args.max_message_bytes,
+        max_pending_per_peer=args.max_pending_per_peer, max_tokens_in_flight=args.max_tokens_in_flight,
+        max_prompt_chars=args.max_prompt_chars, max_message_bytes=args.max_message_bytes,
         drain_delay_s=args.drain_delay, drain_grace_s=args.drain_grace, warmup=not args.no_warmup,
         max_connection_age_s=args.max_connection_age, security=security, health_port=args.health_port,
         slow_client_timeout_s=args.slow_client_timeout, tokenizer_threads=args.tokenizer_threads,

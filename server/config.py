@@ -13,6 +13,7 @@ class ServerConfig:
     port: int = 50051  # 0 = any free port (tests)
     max_pending_requests: int = 256  # admitted and not yet finished (queued + running); beyond: RESOURCE_EXHAUSTED
     max_tokens_in_flight: int = 0  # sum of prompt + max_new_tokens over pending requests; 0 = no limit
+    max_pending_per_peer: int = 64  # of the pending requests, one peer address's; 0 = no limit
     max_prompt_chars: int = 1 << 20  # raw text or chat content, checked before tokenization
     max_message_bytes: int = 4 << 20  # gRPC receive limit
     drain_delay_s: float = 1.0  # NOT_SERVING is visible this long before the server stops accepting
@@ -37,6 +38,8 @@ class ServerConfig:
                      "tokenizer_queue", "tokenizer_queue_per_peer", "max_chat_messages", "max_watch_per_peer"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ServerConfig.{name}: must be positive")
+        if self.max_pending_per_peer < 0 or self.max_tokens_in_flight < 0:
+            raise ValueError("ServerConfig.max_pending_per_peer / max_tokens_in_flight: must be >= 0 (0: no limit)")
         if self.drain_delay_s < 0 or self.drain_grace_s < 0:
             raise ValueError("ServerConfig.drain_delay_s / drain_grace_s: must be >= 0")
         if not self.slow_client_timeout_s > 0:

@@ -73,10 +73,11 @@ class InferenceService(pb_grpc.InferenceServicer):
         try:
             engine = self._ready()
             client_id = convert.request_id(request) or uuid.uuid4().hex
-            prepared = await self._prepare(request, engine, client_id, peer_address(context.peer()))
+            peer = peer_address(context.peer())
+            prepared = await self._prepare(request, engine, client_id, peer)
             span.set_attributes({"request_id": client_id, "kv.mode": prepared.kv.mode.value,
                                  "prompt_tokens": prepared.num_prompt_tokens})
-            async with aclosing(engine.generate(prepared)) as outputs:
+            async with aclosing(engine.generate(prepared, peer)) as outputs:
                 admitted = True
                 async for output in outputs:
                     now = time.monotonic()

@@ -182,6 +182,32 @@ async def test_admission_limit_answers_resource_exhausted(tiny_llama):
             assert len(await collect(stub, greedy(PROMPT, 2))) == 2
 
 
+async def test_one_peer_holds_at_most_its_share_of_the_pending_requests(tiny_llama):
+    """--max-pending-per-peer: a peer at its limit is refused RESOURCE_EXHAUSTED by name while the server has room,
+    another peer is still admitted (its request through the same AsyncEngine, as the service submits it), and the
+    first peer is admitted again once its streams end."""
+    from engine.request import SamplingParams, StoppingParams
+
+    overrides = {"max_pending_requests": 8, "max_pending_per_peer": 2}
+    async with running_server(tiny_llama, step_delay=0.02, server_overrides=overrides) as server:
+        async with channel_to(server) as (stub, _):
+            holders = [stub.Generate(greedy(PROMPT, 200)) for _ in range(2)]
+            for call in holders:
+                await call.read()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await collect(stub, greedy(PROMPT, 2))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "2 requests pending from ipv4:127.0.0.1" in info.value.details(), info.value.details()
+            other = server.engine.new_request("other-peer", [5, 6, 7], SamplingParams(),
+                                              StoppingParams(max_new_tokens=3, ignore_eos=True))
+            outputs = [o async for o in server.async_engine.generate(other, peer="ipv4:10.0.0.9")]
+            assert outputs[-1].finished and sum(len(o.token_ids) for o in outputs) == 3
+            for call in holders:
+                call.cancel()
+            await wait_quiescent(server)
+            assert len(await collect(stub, greedy(PROMPT, 2))) == 2
+
+
 async def test_health_and_drain(tiny_llama):
     overrides = {"drain_delay_s": 0.5, "drain_grace_s": 5.0}
     async with running_server(tiny_llama, step_delay=0.02, server_overrides=overrides) as server:
