@@ -46,7 +46,7 @@ def bench_fallback(model: str, prefetch: bool, threads: int, new_tokens: int) ->
     misses_only = [s for s in latencies if s > 0]
     return {"bench": "fallback", "prefetch": prefetch, "fetch_calls": len(latencies),
             "pieces_hit": stats.hits, "pieces_missed": stats.misses, "fetched_mb": round(stats.fetch_bytes / 1e6, 1),
-            "prefetched_mb": round(stats.prefetch_bytes / 1e6, 1),
+            "prefetched_mb": round(stats.prefetch_bytes / 1e6, 1), "transfers": stats.transfers,
             "hit_rate": stats.hits / max(stats.hits + stats.misses, 1),
             "fetch_latency_p50_ms": 1000 * percentile(latencies, 0.5) if latencies else None,
             "fetch_latency_p99_ms": 1000 * percentile(latencies, 0.99) if latencies else None,

@@ -133,7 +133,7 @@ class Ladder:
         plan.prefetches.append((layer, chosen))
 
     def prefetch_chosen(self, plan) -> None:
-        """Starts the step's prefetches: every layer's choices read back at once."""
+        """Starts the step's prefetches: every layer's choices read back at once, one transfer per layer and kind."""
         if not plan.prefetches:
             return
         layers, chosen = zip(*plan.prefetches)
@@ -142,13 +142,15 @@ class Ladder:
         offset = 0
         for layer, tensor in zip(layers, chosen):
             batch, heads, kinds, count = tensor.shape
+            pieces: tuple[list, list] = ([], [])  # keys, values: (block, KV head), heaviest first within a group
             for i in range(batch):
                 for h in range(heads):
                     for kind in range(kinds):
                         first = offset + ((i * heads + h) * kinds + kind) * count
-                        ranked = flat[first:first + count]
-                        if picked := [b for b in ranked if b >= 0]:
-                            self.cache.prefetch(layer, picked, h, "kv"[kind])
+                        pieces[kind].extend((b, h) for b in flat[first:first + count] if b >= 0)
+            for kind, wanted in zip("kv", pieces):
+                if wanted:
+                    self.cache.prefetch(layer, kind, wanted)
             offset += tensor.numel()
 
     def _escalate(self, layer, q, result, plan, batch, scale, radius, tol, over, broken, state):

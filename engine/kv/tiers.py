@@ -679,9 +679,10 @@ class TieredKVCache:
         self.scratch[layer].put(kind, blocks, heads, fetched.data)
         return fetched
 
-    def prefetch(self, layer: int, blocks: list[int], head: int, kind: str) -> None:
+    def prefetch(self, layer: int, kind: str, pieces: list[tuple[int, int]]) -> None:
+        """Starts one transfer of (block, KV head) pieces of a layer's keys or values that will probably be fetched."""
         self._settle()
-        self.copy.prefetch(layer, kind, self.shadow_k[layer] if kind == "k" else self.shadow_v[layer], blocks, head)
+        self.copy.prefetch(layer, kind, self.shadow_k[layer] if kind == "k" else self.shadow_v[layer], pieces)
 
 
 def _checksum(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
