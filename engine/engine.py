@@ -74,15 +74,18 @@ class LLMEngine:
         self._rungs = [0, 0]  # rung-0 and all certified evaluations of finished requests
 
     def step(self) -> list[RequestOutput]:
-        """One forward pass. A request whose sampling or post-processing fails ends alone (an output carrying its
-        error); the step's other requests keep the token of this step."""
+        """One forward pass. A request whose forward pass (run alone after a shared pass raised), sampling or
+        post-processing fails ends alone (an output carrying its error); the step's other requests keep the token of
+        this step."""
         output = self.scheduler.schedule()
         for request_id in output.preempted:
             self.runner.cache.release(request_id)
         if not output.scheduled:
             return []
-        requests, sampled = self._execute_and_sample(output)
-        failed = [self._fail(requests[i], error) for i, error in sampled.errors.items()]
+        requests, sampled, alone = self._execute_and_sample(output)
+        failed = [self._fail(self.scheduler.requests[rid], error) for rid, error in alone.items()
+                  if rid in self.scheduler.requests]
+        failed += [self._fail(requests[i], error) for i, error in sampled.errors.items()]
         self.scheduler.update(output, {r.request_id: t for r, t in zip(requests, sampled.tokens) if t is not None})
         escalations = self._escalations()
         return failed + [self._emit(r, t, lp, escalations.get(r.request_id, ())) for r, t, lp in
@@ -122,20 +125,24 @@ class LLMEngine:
         finished = self.scheduler.update(output, {rid: forced[rid] for rid in batch.sample_ids})
         return dict(zip(batch.sample_ids, logits)), {r.request_id: self._release(r.request_id) for r in finished}
 
-    def _execute_and_sample(self, output: SchedulerOutput) -> tuple[list[Request], SampleResult]:
-        """Forward pass and sampling. Sampling fails row by row (SampleResult.errors); an exception in the forward
-        pass aborts the step's requests and raises StepFailed."""
+    def _execute_and_sample(self, output: SchedulerOutput) -> tuple[list[Request], SampleResult, dict]:
+        """Forward pass and sampling. Sampling fails row by row (SampleResult.errors). An exception in the forward
+        pass of several requests runs them again one by one, so that a request that makes the model fail fails
+        alone (the third result: request id -> its error; their K/V writes are idempotent); a pass of one request
+        that raises aborts it and raises StepFailed, as tier-2 data lost for some requests does."""
         self._mark_scheduled(output.scheduled)
         try:
             batch, logits = self.runner.execute(output, self._scheduled(output))
-            requests = [self.scheduler.requests[rid] for rid in batch.sample_ids]
-            logits = self._inject_nonfinite(logits, requests)
-            return requests, sample(logits, requests, [r.extra.sampler for r in requests])
+            return (*self._sample([self.scheduler.requests[rid] for rid in batch.sample_ids], logits), {})
         except ShadowError as exc:  # exactness impossible for these requests only
             log.error("step abandoned: %s", exc)
             self.scheduler.blocks.forget(self.runner.cache.corrupt_blocks())  # no later request shares them
             failed = {rid: DataLoss(f"{exc.reason}: the exact fallback is impossible") for rid in exc.request_ids}
         except Exception:
+            if len(output.scheduled) > 1:
+                log.exception("engine step failed: running its %d requests one by one", len(output.scheduled))
+                self.runner.cache.drain_records()  # escalations of the abandoned pass
+                return self._one_by_one(output)
             log.exception("engine step failed")
             failed = {item.request_id: RequestFailed("the engine step running this request failed")
                       for item in output.scheduled}
@@ -143,6 +150,31 @@ class LLMEngine:
         for request_id in failed:
             self.abort(request_id)
         raise StepFailed(failed)
+
+    def _one_by_one(self, output: SchedulerOutput) -> tuple[list[Request], SampleResult, dict]:
+        """Each scheduled request's forward pass alone; the logits of those that pass are sampled together."""
+        parts, alone = [], {}
+        for item in output.scheduled:
+            single = SchedulerOutput([item], [])
+            try:
+                parts.append(self.runner.execute(single, self._scheduled(single)))
+            except ShadowError as exc:
+                self.scheduler.blocks.forget(self.runner.cache.corrupt_blocks())
+                alone |= {rid: DataLoss(f"{exc.reason}: the exact fallback is impossible") for rid in exc.request_ids}
+            except Exception:
+                log.exception("the forward pass of request %s failed alone", item.request_id)
+                alone[item.request_id] = RequestFailed("the forward pass failed on this request alone")
+        # a lost shadow may name a request whose own pass succeeded (a sharer of the block): it fails too
+        rows = [(self.scheduler.requests[rid], logits[i]) for batch, logits in parts
+                for i, rid in enumerate(batch.sample_ids) if rid not in alone]
+        if not rows:
+            return [], SampleResult([], [], {}), alone
+        requests, logits = zip(*rows)
+        return (*self._sample(list(requests), torch.stack(logits)), alone)
+
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> tuple[list[Request], SampleResult]:
+        logits = self._inject_nonfinite(logits, requests)
+        return requests, sample(logits, requests, [r.extra.sampler for r in requests])
 
     def validate(self, prompt_ids: list[int], stopping: StoppingParams) -> None:
         """Raises InvalidRequest when the request can never run on this engine. Reads only frozen state."""

@@ -8,6 +8,8 @@ Points (name -> parameters):
   step.raise        {"after": n}            the n-th forward pass (0-based) and every later one raise, once each
                                             unless "times" is given
   step.delay_ms     {"ms": d}               every forward pass sleeps d ms first
+  forward.raise     {"request": id}         every forward pass that runs that request raises (a request that
+                                            crashes the model, whoever shares its batch)
   shadow.corrupt    {"request": id}         that request's tier-2 shadows are overwritten once its first block fills
   shadow.drop       {"request": id}         reading that request's shadows fails (the shadow is gone)
   copy.fail         {}                      every tier-2 fetch fails
@@ -25,7 +27,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-POINTS = ("step.raise", "step.delay_ms", "shadow.corrupt", "shadow.drop", "copy.fail", "kv.nonfinite",
+POINTS = ("step.raise", "step.delay_ms", "forward.raise", "shadow.corrupt", "shadow.drop", "copy.fail", "kv.nonfinite",
           "sample.nonfinite", "output.raise")
 
 
@@ -58,8 +60,11 @@ class FaultPlan:
     def hit(self, point: str) -> None:
         self.fired[point] = self.fired.get(point, 0) + 1
 
-    def before_step(self) -> None:
-        """Called at the start of every forward pass."""
+    def before_step(self, client_ids: list[str] = ()) -> None:
+        """Called at the start of every forward pass, with the caller's ids of the requests it runs."""
+        if any(self.targets("forward.raise", client_id) for client_id in client_ids):
+            self.hit("forward.raise")
+            raise RuntimeError("injected failure of a forward pass running a poisoned request")
         if (delay := self.active("step.delay_ms")) is not None:
             time.sleep(delay["ms"] / 1000)
         if (crash := self.active("step.raise")) is not None:

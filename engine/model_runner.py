@@ -182,7 +182,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, requests: list[Request]) -> tuple[ForwardBatch, torch.Tensor]:
         """Runs the scheduled tokens; returns the batch and the float32 logits [S, vocab] of its sampled rows."""
-        self.faults.before_step()
+        self.faults.before_step([r.client_id for r in requests])
         batch = build_forward_batch(output, self.spec.block_size, self.device, requests)
         self.cache.prepare(batch)
         result = self.model(input_ids=batch.input_ids[None], position_ids=batch.positions[None],

@@ -1,6 +1,7 @@
 """Fault injection through the real server: lost or corrupt shadows and failed copies end only the affected request
 with DATA_LOSS (never wrong tokens), non-finite tier-1 metadata is caught by the monitors, an exception inside an
-engine step fails only that step's requests, and everything is released afterwards."""
+engine step fails only that step's requests, a request that crashes the forward pass fails alone, and everything
+is released afterwards."""
 
 import asyncio
 
@@ -97,6 +98,31 @@ async def test_exception_in_a_step_fails_that_step_only(tiny_llama):
         assert server.engine.runner.faults.fired["step.raise"] == 1
     assert first[0] == grpc.StatusCode.INTERNAL
     assert second == (grpc.StatusCode.OK, hf_greedy(tiny_llama, PROMPT, 20))
+
+
+async def read_to_end(call) -> list[int]:
+    tokens = []
+    while (message := await call.read()) is not grpc.aio.EOF:
+        tokens += message.token_ids
+    return tokens
+
+
+async def test_a_request_that_crashes_the_forward_pass_fails_alone(tiny_llama):
+    """A request whose presence makes the forward pass raise joins a step of two running requests: the step runs
+    again one request at a time, the poisoned request ends with INTERNAL, and the others stream on to HF's tokens."""
+    points = {"forward.raise": {"request": "poison"}, "step.delay_ms": {"ms": 10}}
+    async with serve(tiny_llama, points) as server:
+        async with channel_to(server) as (stub, _):
+            calls = [stub.Generate(request(rid, mode=pb.EXACT, max_new=30)) for rid in ("a", "b")]
+            firsts = [await call.read() for call in calls]  # both running before the poisoned request arrives
+            poisoned = await outcome(stub, request("poison", mode=pb.EXACT))
+            rests = [await read_to_end(call) for call in calls]
+        await wait_quiescent(server)
+        fired = server.engine.runner.faults.fired["forward.raise"]
+    assert poisoned[0] == grpc.StatusCode.INTERNAL
+    assert fired >= 2  # the shared step, then the poisoned request alone
+    expected = hf_greedy(tiny_llama, PROMPT, 30)
+    assert [list(first.token_ids) + rest for first, rest in zip(firsts, rests)] == [expected, expected]
 
 
 def test_fault_plans_are_refused_outside_tests(monkeypatch):
