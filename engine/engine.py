@@ -213,14 +213,15 @@ class LLMEngine:
         return KVPolicy(mode, self.config.tolerance if tolerance is None else tolerance)
 
     def new_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
-                    stopping: StoppingParams, kv: KVPolicy | None = None, client_id: str = "") -> Request:
+                    stopping: StoppingParams, kv: KVPolicy | None = None, client_id: str = "",
+                    peer: str = "") -> Request:
         self.validate(prompt_ids, stopping)
         kv = kv or self.kv_policy(None, None)
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
         state = RequestState(new_state(seed, self.runner.device),
                              IncrementalDetokenizer(self.tokenizer, prompt_ids, stopping.stop))
         return Request(request_id, list(prompt_ids), sampling, stopping, eos_token_ids=self.spec.eos_token_ids,
-                       kv=kv, client_id=client_id, extra=state)
+                       kv=kv, client_id=client_id, peer=peer, extra=state)
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add(request)

@@ -124,6 +124,7 @@ class Request:
     eos_token_ids: tuple[int, ...] = ()
     kv: KVPolicy = field(default_factory=KVPolicy)
     client_id: str = ""  # the caller's id (not unique): logs, spans, escalation records, fault targets
+    peer: str = ""  # who sent it (the server: the peer address): admission is fair across peers
     arrival_time: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(default_factory=list)  # prompt + output, grows by one per sampled token
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache

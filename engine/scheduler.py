@@ -2,7 +2,8 @@
 
 Each step spends a token budget: running requests first, those with a single token to run (decodes) before
 those in the middle of a prefill, then waiting requests in arrival order, their prompts cut into chunks that fit
-the budget. When blocks run out, the newest running request is preempted by recompute: its blocks are freed,
+the budget. Requests from several peers (Request.peer) are admitted round robin, the peer with the fewest running
+requests first, so that one client's backlog does not keep another's request waiting behind it. When blocks run out, the newest running request is preempted by recompute: its blocks are freed,
 its counter goes back to zero and it waits at the head of the queue, keeping the tokens it has generated. The
 oldest request therefore always progresses, and a request whose prompt + max_new_tokens fits the pool always
 finishes.
@@ -21,7 +22,7 @@ is skipped by admission until it is resumed.
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
@@ -143,9 +144,9 @@ class Scheduler:
         return finished
 
     def _admit_waiting(self, budget: int, scheduled: dict[str, ScheduledRequest], preempted: list[str]) -> int:
-        """Admits waiting requests in order (paused ones skipped) while the budget, the batch and the blocks allow,
-        preempting paused running requests to make room."""
-        for request in [r for r in self.waiting if r.request_id not in self.paused]:
+        """Admits waiting requests in admission order while the budget, the batch and the blocks allow, preempting
+        paused running requests to make room."""
+        for request in self._admission_order():
             cached = self.blocks.lookup(request.request_id, request.token_ids)
             computed = len(cached) * self.config.block_size
             num_new = min(request.num_tokens - computed, budget)
@@ -158,6 +159,18 @@ class Scheduler:
             scheduled[request.request_id] = self._schedule(request, num_new, cached)
             budget -= num_new
         return budget
+
+    def _admission_order(self) -> list[Request]:
+        """The waiting requests that may run (paused ones skipped), fair across peers: round robin, a peer with fewer
+        running requests first, each peer's requests in queue order. With one peer: the queue's order."""
+        running = Counter(r.peer for r in self.running)
+        ahead: Counter[str] = Counter()  # the peer's requests already ranked
+        ranked = []
+        for position, request in enumerate(self.waiting):
+            if request.request_id not in self.paused:
+                ranked.append((running[request.peer] + ahead[request.peer], position, request))
+                ahead[request.peer] += 1
+        return [request for *_, request in sorted(ranked, key=lambda entry: entry[:2])]
 
     def _start_from_cache(self, request: Request, computed: int) -> None:
         """An admitted request's counter starts after its cached tokens; hits are counted."""

@@ -62,9 +62,10 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="certkv-engine", daemon=True)
         self._thread.start()
 
-    async def generate(self, request: Request, peer: str = "") -> AsyncIterator[RequestOutput]:
-        """Admits the request and yields its outputs; the last one has finish_reason set. `peer`: who sent it (one
-        peer holds at most max_pending_per_peer of the pending requests, so that it cannot refuse every other)."""
+    async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Admits the request and yields its outputs; the last one has finish_reason set. One peer (Request.peer)
+        holds at most max_pending_per_peer of the pending requests, so that it cannot refuse every other."""
+        peer = request.peer
         if self.dead or not self.accepting:
             raise EngineUnavailable("the engine is not serving (starting, draining or stopped)")
         if len(self._queues) >= self.max_pending:

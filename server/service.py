@@ -77,7 +77,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             prepared = await self._prepare(request, engine, client_id, peer)
             span.set_attributes({"request_id": client_id, "kv.mode": prepared.kv.mode.value,
                                  "prompt_tokens": prepared.num_prompt_tokens})
-            async with aclosing(engine.generate(prepared, peer)) as outputs:
+            async with aclosing(engine.generate(prepared)) as outputs:
                 admitted = True
                 async for output in outputs:
                     now = time.monotonic()
@@ -177,7 +177,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         why = f"at most {room} fit the context of {context_len} tokens with max_new_tokens {max_new or 1}"
         prompt_ids = await self._prompt_ids(message, context_len, (room, why, peer))
         stopping = convert.stopping_params(message, llm.default_max_new_tokens(len(prompt_ids)))
-        return llm.new_request(uuid.uuid4().hex, prompt_ids, sampling, stopping, kv, client_id=client_id)
+        return llm.new_request(uuid.uuid4().hex, prompt_ids, sampling, stopping, kv, client_id=client_id, peer=peer)
 
     async def _prompt_ids(self, message: pb.GenerateRequest, context_len: int, limits: tuple) -> list[int]:
         """`limits`: (the most prompt tokens that fit, why, the caller's peer) for the tokenizer's work."""

@@ -203,6 +203,42 @@ def test_random_workload_drains_with_every_block_free(seed, num_blocks, block_si
 
 
 # ---- paused requests (their client is not reading) give way ------------------------------------
+def test_admission_is_round_robin_across_peers():
+    """One peer's backlog does not keep another peer's request waiting behind it: a freed batch slot goes to the
+    peer with the fewest running requests, each peer's requests in arrival order."""
+    scheduler = make_scheduler(max_seqs=2, budget=64)
+    for i in range(4):
+        scheduler.add(make_request(f"flood{i}", 4, max_new=50))
+        scheduler.requests[f"flood{i}"].peer = "ipv4:10.0.0.1"
+    runner = FakeRunner(scheduler)
+    out, _ = runner.step()
+    assert [item.request_id for item in out.scheduled] == ["flood0", "flood1"]
+    late = make_request("late", 4, max_new=3)
+    late.peer = "ipv4:10.0.0.2"
+    scheduler.add(late)  # behind flood2 and flood3 in the queue
+    scheduler.finish("flood0", FinishReason.ABORTED)  # a slot frees: the other peer's request takes it
+    out, _ = runner.step()
+    assert [item.request_id for item in out.scheduled] == ["flood1", "late"]
+    order = [r.request_id for r in scheduler._admission_order()]
+    assert order == ["flood2", "flood3"]
+    # without peers the queue's order is kept
+    plain = make_scheduler(max_seqs=1)
+    for rid in ("x", "y", "z"):
+        plain.add(make_request(rid, 4))
+    assert [r.request_id for r in plain._admission_order()] == ["x", "y", "z"]
+
+
+def test_random_peers_drain_with_every_block_free():
+    scheduler = make_scheduler(num_blocks=24, max_seqs=3, budget=16)
+    rng = random.Random(3)
+    for i in range(30):
+        request = make_request(f"r{i}", rng.randrange(1, 20), max_new=rng.randrange(1, 12))
+        request.peer = f"peer{rng.randrange(3)}"
+        scheduler.add(request)
+    finished = run_to_completion(scheduler, FakeRunner(scheduler, eos_rate=0.05))
+    assert len(finished) == 30 and scheduler.blocks.num_free == 24
+
+
 def test_paused_requests_give_their_batch_slots_to_waiting_requests():
     """max_num_seqs paused requests hold every slot; a new request is admitted by preempting the newest paused one,
     and the paused requests are never scheduled until resumed."""

@@ -199,8 +199,8 @@ async def test_one_peer_holds_at_most_its_share_of_the_pending_requests(tiny_lla
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "2 requests pending from ipv4:127.0.0.1" in info.value.details(), info.value.details()
             other = server.engine.new_request("other-peer", [5, 6, 7], SamplingParams(),
-                                              StoppingParams(max_new_tokens=3, ignore_eos=True))
-            outputs = [o async for o in server.async_engine.generate(other, peer="ipv4:10.0.0.9")]
+                                              StoppingParams(max_new_tokens=3, ignore_eos=True), peer="ipv4:10.0.0.9")
+            outputs = [o async for o in server.async_engine.generate(other)]
             assert outputs[-1].finished and sum(len(o.token_ids) for o in outputs) == 3
             for call in holders:
                 call.cancel()
