@@ -5,7 +5,8 @@ Steps, each a subprocess with its own time limit, so that one failure costs only
   device      the GPU, the driver and library versions
   tests       the compiled kernel tests and tests/test_cuda.py
   kernels     bench_kernels.py decode: certified kernel vs SDPA at 4K/16K/32K/64K x batch 1/16 (Llama-3-8B shapes),
-              and the kernel without the certificate's accumulators (what the certificate costs inside it)
+              the kernel without the certificate's accumulators (what the certificate costs inside it), and the
+              decode kernel + finish kernel + flag read the engine runs
   sweep       the kernel's warps x pipeline stages at batch 16, 32K (the winner belongs in its LAUNCH)
   step        bench_step.py on the device: aten operations, host syncs and time per decode step, dense vs certified
   throughput  bench_throughput.py --interleaved, default model, 8 requests
@@ -37,7 +38,8 @@ def steps(out: Path, smoke: bool, model: str) -> list[tuple[str, list[str], int]
         return [
             ("device", [PYTHON, str(ROOT / "loadtest" / "gpu_check.py"), "--describe"], 60),
             ("tests", [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py",
-                       "tests/test_kernels.py::test_decode_sliding_window_masks_tokens_before_its_start"], 240),
+                       "tests/test_kernels.py::test_decode_sliding_window_masks_tokens_before_its_start",
+                       "tests/test_kernels.py::test_finish_windows_bits_and_decisions_on_both_sides"], 240),
             ("kernels", [*bench, "--smoke", "--benches", "decode", "--json", str(out / "kernels.json")], 240),
             ("sweep", [*bench, "--smoke", "--benches", "sweep", "--json", str(out / "sweep.json")], 240),
             ("step", [PYTHON, str(ROOT / "loadtest" / "bench_step.py"), "--model", model, "--requests", "2",
