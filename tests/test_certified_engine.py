@@ -1,6 +1,8 @@
 """The certified cache inside the engine, on real models: exact mode is the dense result, audit finds no
 violation, certified mode repairs the damage quantized mode does, and nothing is left behind."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -79,14 +81,30 @@ def test_default_model_modes(default_model, bits):
         assert agreement(audited, reference, ties) >= 0.9  # measured 1.0 (0.82 counting a tie at a 0.003 gap)
 
 
+def finish_with(certified):
+    """The Triton path's certify_layer (decode and finish kernels) emulated by a twin `certified` (q, layer, view,
+    scale, quantizer) -> DecodeResult, checked by escalation.check: what the finish kernel computes, at the twin's
+    speed (Triton's interpreter would take hours on the default model)."""
+    from engine.kv.escalation import check
+    from kernels.certified_finish import Finished
+
+    def certify(q, layer, view, scale, quantizer, radius, tolerance, certifying, margin):
+        result = certified(q, layer, view, scale, quantizer)
+        bound, limit = check(result, radius[view.slots], tolerance[:, None, None])
+        over = certifying[:, None] & (~(bound <= limit).all(dim=-1) | result.broken)
+        near = certifying[:, None, None] & (bound / limit.clamp_min(1e-30) > margin)
+        result = dataclasses.replace(result, bound=bound, limit=limit)
+        return Finished(result.out.flatten(1, 2).to(q.dtype), result, torch.stack([over.any(), near.any()]))
+
+    return certify
+
+
 @pytest.mark.slow  # the default model twice in audit mode: 187 s on a busy 2-core machine
 def test_kernel_path_rechecks_failing_groups_with_the_twin(default_model, monkeypatch):
     """The Triton kernel bounds block spreads by the triangle form (no O . P_b in its one pass). Emulated here on
     CPU (the twin with out_dots dropped, and kernel_decodes saying so), the ladder re-certifies failing groups
     with the twin before fetching anything: more head-steps certified at rung 0 on the same tier-1 data, less
     fetched from tier 2, and audit finds no violation. Measured: rung 0 81.8% -> 94.9%, 1.62 -> 0.58 MB fetched."""
-    import dataclasses
-
     import engine.kv.escalation as escalation
     import engine.kv.tiers as tiers
     from kernels import reference
@@ -99,7 +117,7 @@ def test_kernel_path_rechecks_failing_groups_with_the_twin(default_model, monkey
 
     def rung0(recheck: bool) -> tuple[float, int]:
         monkeypatch.setattr(tiers, "decode_path", lambda q, quantizer: "triton")
-        monkeypatch.setattr(tiers, "certified_decode", triangle)
+        monkeypatch.setattr(tiers, "certify_layer", finish_with(triangle))
         monkeypatch.setattr(escalation, "certified_decode", triangle)
         monkeypatch.setattr(escalation, "kernel_decodes", lambda q, quantizer: recheck)
         engine = make_engine(default_model, kv_mode="audit", num_kv_blocks=64, tolerance=0.1, scratch_blocks=4)
@@ -176,7 +194,6 @@ def test_triton_path_with_the_finish_kernel_decides_as_its_twin(tiny_llama, monk
     (the triangle form of the blocks' spreads, the tensor cores' rounding terms): the same tokens and the same rung
     for every head-step, at a tolerance where heads climb every rung of the ladder from the kernel's own bound and
     limit; audit finds no violation."""
-    import dataclasses
 
     import engine.kv.escalation as escalation
     import engine.kv.tiers as tiers
