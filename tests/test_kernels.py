@@ -279,15 +279,19 @@ def test_decode_kernel_compiles_for_hopper_and_ampere():
     shape inside a branch, tl.dot's shapes, shared memory): compile it to a cubin for sm_90 and sm_80 without a GPU
     (a process without TRITON_INTERPRET), at the engine's shapes (head dim 128, K8/V4, float16 tier 1)."""
     cases = [(90, 16, 4, True), (90, 8, 4, True), (90, 32, 32, True), (90, 16, 4, False), (80, 16, 8, True)]
-    script = ("import json, sys; from kernels.certified_decode import compile_for; "
+    for (arch, *_), used in zip(cases, compiled("certified_decode", cases)):
+        assert 0 < used <= (227 if arch == 90 else 163) * 1024
+
+
+def compiled(module: str, cases: list[tuple]) -> list[int]:
+    """kernels.<module>.compile_for(*case) for each case in a process without TRITON_INTERPRET: shared memory."""
+    script = (f"import json; from kernels.{module} import compile_for; "
               f"print(json.dumps([compile_for(*case) for case in {cases!r}]))")
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environment, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    shared = json.loads(done.stdout.splitlines()[-1])
-    for (arch, *_), used in zip(cases, shared):
-        assert 0 < used <= (227 if arch == 90 else 163) * 1024
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 # ---- the certificate's finish ------------------------------------------------------------------------------------
@@ -366,14 +370,7 @@ def test_finish_reports_broken_annotations():
 
 def test_finish_kernel_compiles_for_hopper_and_ampere():
     """As the decode kernel's compile test: the finish kernel's float64 terms and branches through the compiler."""
-    cases = [(90, 4), (90, 8, 64, 8), (80, 32)]
-    script = ("import json; from kernels.certified_finish import compile_for; "
-              f"print(json.dumps([compile_for(*case) for case in {cases!r}]))")
-    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environment, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert all(0 <= used <= 48 * 1024 for used in json.loads(done.stdout.splitlines()[-1]))
+    assert all(0 <= used <= 48 * 1024 for used in compiled("certified_finish", [(90, 4), (90, 8, 64, 8), (80, 32)]))
 
 
 # ---- scatter ----------------------------------------------------------------------------------------------------

@@ -166,12 +166,18 @@ async def test_cli_client_streams_text(server, capsys):
     assert code == 1 and "INVALID_ARGUMENT" in capsys.readouterr().err
 
 
+async def hold(stub, n: int) -> list:
+    """n long streams, each past its first message: pending requests."""
+    holders = [stub.Generate(greedy(PROMPT, 200)) for _ in range(n)]
+    for call in holders:
+        await call.read()
+    return holders
+
+
 async def test_admission_limit_answers_resource_exhausted(tiny_llama):
     async with running_server(tiny_llama, step_delay=0.02, server_overrides={"max_pending_requests": 2}) as server:
         async with channel_to(server) as (stub, _):
-            holders = [stub.Generate(greedy(PROMPT, 200)) for _ in range(2)]
-            for call in holders:
-                await call.read()
+            holders = await hold(stub, 2)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await collect(stub, greedy(PROMPT, 2))
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -191,9 +197,7 @@ async def test_one_peer_holds_at_most_its_share_of_the_pending_requests(tiny_lla
     overrides = {"max_pending_requests": 8, "max_pending_per_peer": 2}
     async with running_server(tiny_llama, step_delay=0.02, server_overrides=overrides) as server:
         async with channel_to(server) as (stub, _):
-            holders = [stub.Generate(greedy(PROMPT, 200)) for _ in range(2)]
-            for call in holders:
-                await call.read()
+            holders = await hold(stub, 2)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await collect(stub, greedy(PROMPT, 2))
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
