@@ -126,23 +126,33 @@ class LLMEngine:
         return dict(zip(batch.sample_ids, logits)), {r.request_id: self._release(r.request_id) for r in finished}
 
     def _execute_and_sample(self, output: SchedulerOutput) -> tuple[list[Request], SampleResult, dict]:
-        """Forward pass and sampling. Sampling fails row by row (SampleResult.errors). An exception in the forward
-        pass of several requests runs them again one by one, so that a request that makes the model fail fails
-        alone (the third result: request id -> its error; their K/V writes are idempotent); a pass of one request
-        that raises aborts it and raises StepFailed, as tier-2 data lost for some requests does."""
+        """Forward pass and sampling. Sampling fails row by row (SampleResult.errors). A forward pass of several
+        requests that raises runs them again one by one, so that a request that makes the model fail fails alone (the
+        third result: request id -> its error; K/V writes are idempotent, and an abandoned pass leaves nothing in the
+        certificates). Otherwise an exception aborts the step's requests (tier-2 data lost: those it names) and
+        raises StepFailed."""
         self._mark_scheduled(output.scheduled)
         try:
-            batch, logits = self.runner.execute(output, self._scheduled(output))
-            return (*self._sample([self.scheduler.requests[rid] for rid in batch.sample_ids], logits), {})
+            try:
+                parts, alone = [self.runner.execute(output, self._scheduled(output))], {}
+            except ShadowError:
+                raise
+            except Exception:
+                if len(output.scheduled) == 1:
+                    raise
+                log.exception("engine step failed: running its %d requests one by one", len(output.scheduled))
+                self.runner.cache.drain_records()  # escalations of the abandoned pass
+                parts, alone = self._one_by_one(output)
+            requests, logits = self._sampled_rows(parts, alone)
+            if not requests:
+                return [], SampleResult([], [], {}), alone
+            logits = self._inject_nonfinite(logits, requests)
+            return requests, sample(logits, requests, [r.extra.sampler for r in requests]), alone
         except ShadowError as exc:  # exactness impossible for these requests only
             log.error("step abandoned: %s", exc)
             self.scheduler.blocks.forget(self.runner.cache.corrupt_blocks())  # no later request shares them
             failed = {rid: DataLoss(f"{exc.reason}: the exact fallback is impossible") for rid in exc.request_ids}
         except Exception:
-            if len(output.scheduled) > 1:
-                log.exception("engine step failed: running its %d requests one by one", len(output.scheduled))
-                self.runner.cache.drain_records()  # escalations of the abandoned pass
-                return self._one_by_one(output)
             log.exception("engine step failed")
             failed = {item.request_id: RequestFailed("the engine step running this request failed")
                       for item in output.scheduled}
@@ -151,8 +161,19 @@ class LLMEngine:
             self.abort(request_id)
         raise StepFailed(failed)
 
-    def _one_by_one(self, output: SchedulerOutput) -> tuple[list[Request], SampleResult, dict]:
-        """Each scheduled request's forward pass alone; the logits of those that pass are sampled together."""
+    def _sampled_rows(self, parts: list, alone: dict) -> tuple[list[Request], torch.Tensor]:
+        """The requests to sample and their logits [S, vocab] from the passes' (batch, logits)."""
+        if len(parts) == 1 and not alone:  # the usual step: one pass, nothing failed
+            batch, logits = parts[0]
+            return [self.scheduler.requests[rid] for rid in batch.sample_ids], logits
+        # a lost shadow may name a request whose own pass succeeded (a sharer of the block): it fails too
+        rows = [(self.scheduler.requests[rid], logits[i]) for batch, logits in parts
+                for i, rid in enumerate(batch.sample_ids) if rid not in alone]
+        return [request for request, _ in rows], torch.stack([row for _, row in rows]) if rows else None
+
+    def _one_by_one(self, output: SchedulerOutput) -> tuple[list, dict]:
+        """Each scheduled request's forward pass alone: the (batch, logits) of those that pass, and the errors of
+        those that do not."""
         parts, alone = [], {}
         for item in output.scheduled:
             single = SchedulerOutput([item], [])
@@ -164,17 +185,7 @@ class LLMEngine:
             except Exception:
                 log.exception("the forward pass of request %s failed alone", item.request_id)
                 alone[item.request_id] = RequestFailed("the forward pass failed on this request alone")
-        # a lost shadow may name a request whose own pass succeeded (a sharer of the block): it fails too
-        rows = [(self.scheduler.requests[rid], logits[i]) for batch, logits in parts
-                for i, rid in enumerate(batch.sample_ids) if rid not in alone]
-        if not rows:
-            return [], SampleResult([], [], {}), alone
-        requests, logits = zip(*rows)
-        return (*self._sample(list(requests), torch.stack(logits)), alone)
-
-    def _sample(self, requests: list[Request], logits: torch.Tensor) -> tuple[list[Request], SampleResult]:
-        logits = self._inject_nonfinite(logits, requests)
-        return requests, sample(logits, requests, [r.extra.sampler for r in requests])
+        return parts, alone
 
     def validate(self, prompt_ids: list[int], stopping: StoppingParams) -> None:
         """Raises InvalidRequest when the request can never run on this engine. Reads only frozen state."""

@@ -95,7 +95,8 @@ def _chunk(b, seq, h, row, live, top, total, out_norm, q_norm, q_abs_sum, block_
     delta = scale * _nan_min(q_norm[:, None] * eps[None, :], channel)
     delta = tl.where(in_tail[None, :], delta, 0.0)
     magnitude = magnitude + tl.where(promoted[None, :], channel, 0.0)
-    magnitude = tl.where(attended[None, :], magnitude, 0.0)
+    # NaN metadata makes the score error infinite, as in the twin (Triton's max skips NaN)
+    magnitude = _inf_if_nan(tl.where(attended[None, :], magnitude, 0.0))
     broken = tl.max(tl.where(in_tail & ~_finite(eps), 1, 0), axis=0)
     for k in tl.static_range(1, 5):
         broken = tl.maximum(broken, tl.max(tl.max(tl.where(ok & ~_finite(tl.load(sums + k, mask=ok, other=0.0)),

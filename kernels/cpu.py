@@ -356,7 +356,8 @@ if numba is not None:
                 step_dot = (zero_dot * 2.0**-10 + scale_dot + q_abs_sum * 2.0**-24) * (1 + 2.0**-20)
                 channel = block_notes[block, h, 1] * step_dot
                 channel = math.inf if math.isnan(channel) else channel
-                largest = max(largest, (zero_dot + k_levels * scale_dot) * (1 + 2.0**-20) + (channel if promoted else 0.0))
+                magnitude = (zero_dot + k_levels * scale_dot) * (1 + 2.0**-20) + (channel if promoted else 0.0)
+                largest = max(largest, math.inf if math.isnan(magnitude) else magnitude)  # NaN metadata: refused
                 mass[i, b, h] = max(mass[i, b, h], r)
                 if promoted:
                     low_sum += low

@@ -423,7 +423,8 @@ def _key_terms(quantizer, grouped, key_dots, block_notes, key_meta, in_tail, pro
     if subspace is not None:
         block_delta = torch.minimum(block_delta, subspace)
     block_delta = torch.where(in_tail[:, :, None], block_delta, 0.0)
-    magnitude = magnitude + torch.nan_to_num(kappa * step_dot, nan=torch.inf) * promoted.transpose(1, 2)[:, :, None]
+    magnitude = magnitude + torch.where(promoted.transpose(1, 2)[:, :, None],
+                                        torch.nan_to_num(kappa * step_dot, nan=torch.inf), 0.0)
     magnitude = torch.where(view.full[:, None, None, :], magnitude, 0.0)
     partial = view.valid[:, -tail_k.shape[1]:][:, None, :]  # [Bd, 1, bs]
     tail_norm = (tail_k.float().norm(dim=-1).transpose(1, 2) * partial).amax(dim=-1)  # [Bd, Hkv]

@@ -225,3 +225,61 @@ def test_triton_path_with_the_finish_kernel_decides_as_its_twin(tiny_llama, monk
     assert all(sum(c.rungs[rung] for c in certs) > 0 for rung in range(4)), [c.rungs for c in certs]
     audited, audit_certs = run("triton", "audit")
     assert audited == twin and all(c.audit_violations == c.promise_violations == 0 for c in audit_certs)
+
+
+@pytest.mark.parametrize("mode", ["exact", "audit"])
+def test_a_pass_abandoned_midway_leaves_no_trace_in_the_certificates(tiny_llama, monkeypatch, mode):
+    """A shared decode pass that raises in its second layer (after the first layer counted its evaluations, audited
+    and escalated) runs its requests again one by one: the same tokens, and every head-step counted once."""
+    import engine.kv.tiers as tiers
+
+    prompts = {"a": list(range(100, 140)), "b": list(range(200, 231))}
+    forward = tiers.TieredKVCache.forward
+
+    def run(fault: bool):
+        armed = [fault]
+
+        def failing(self, layer, q, k, v, batch, scale, window=None):
+            if armed[0] and layer == 1 and batch.decode_seqs.numel() == 2:
+                armed[0] = False
+                raise RuntimeError("injected failure in layer 1 of a shared decode pass")
+            return forward(self, layer, q, k, v, batch, scale, window)
+
+        monkeypatch.setattr(tiers.TieredKVCache, "forward", failing)
+        finals = {}
+        tokens = run_engine(make_engine(tiny_llama, kv_mode=mode, tolerance=0.05, scratch_blocks=4), prompts, 8,
+                            finals=finals)
+        assert not armed[0]
+        return tokens, {rid: f.certificate for rid, f in finals.items()}
+
+    (clean, clean_certs), (rerun, rerun_certs) = run(False), run(True)
+    assert rerun == clean
+    for rid, cert in rerun_certs.items():
+        assert cert.evaluations == clean_certs[rid].evaluations == sum(cert.rungs)
+        accepted = sum(cert.rungs[:3]) if mode == "audit" else 0
+        assert sum(cert.ratio_hist) == accepted and cert.audit_violations == 0
+        if mode == "exact":
+            assert cert.rungs == clean_certs[rid].rungs
+
+
+def test_a_batch_wide_sampling_failure_fails_the_step_and_the_engine_serves_on(tiny_llama, monkeypatch):
+    """Sampling that raises for the whole batch (not one row) ends the step's requests with StepFailed after one
+    forward pass, instead of running every request again or escaping the step; the next request is served."""
+    import engine.engine as engine_module
+    from engine.engine import StepFailed
+    from engine.request import SamplingParams, StoppingParams
+
+    engine = make_engine(tiny_llama)
+    for rid in ("a", "b"):
+        engine.add_request(engine.new_request(rid, list(range(100, 120)), SamplingParams(), StoppingParams(5)))
+    passes = []
+    execute = engine.runner.execute
+    monkeypatch.setattr(engine.runner, "execute", lambda out, reqs: (passes.append(len(out.scheduled)),
+                                                                     execute(out, reqs))[1])
+    sample = engine_module.sample
+    monkeypatch.setattr(engine_module, "sample", lambda *a: (_ for _ in ()).throw(RuntimeError("device lost")))
+    with pytest.raises(StepFailed) as info:
+        engine.step()
+    assert sorted(info.value.errors) == ["a", "b"] and passes == [2] and not engine.has_unfinished()
+    monkeypatch.setattr(engine_module, "sample", sample)
+    assert len(run_engine(engine, {"c": list(range(300, 310))}, 3)["c"]) == 3

@@ -99,3 +99,20 @@ def test_a_non_finite_query_escalates_instead_of_failing_the_step(bad):
     result = decoded.result()
     assert not result.bound[0, 0, 1] <= result.limit[0, 0, 1]  # [row, KV head, query head of its group]
     assert (result.bound[1] <= result.limit[1]).all() and torch.isfinite(result.out[1]).all()
+
+
+@pytest.mark.parametrize("field", ["k_scale", "k_zero"])
+def test_nan_key_metadata_of_a_promoted_block_is_refused_as_by_the_twin(field):
+    """A promoted block's keys are read exact, but its scale and zero still bound the score error: NaN there makes
+    the score error infinite (no head of that sequence and KV head accepted) on the compiled path as in the twin."""
+    layer, view, quantizer = random_layer([70, 40], 2, 64, (8, 4), promoted=0, seed=7)
+    block = int(view.block_tables[0, 1])
+    layer.slots[block, 0, 0] = 0  # the block's keys of KV head 0 are held exact in scratch slot 0
+    getattr(layer, field)[block, 0, 3] = float("nan")
+    q = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(7))
+    radius, tol = torch.full((3, 2), 3.0), torch.full((2,), 0.5)
+    got = cpu.certified_decode(q, layer, view, 64 ** -0.5, quantizer, radius, tol)
+    want = reference.certified_decode(q, layer, view, 64 ** -0.5, quantizer)
+    bound, limit = check(want, radius[view.slots], tol[:, None, None])
+    assert not (bound[0, 0] <= limit[0, 0]).any() and not (got.bound[0, 0] <= got.limit[0, 0]).any()
+    assert torch.equal(got.bound[1] <= got.limit[1], bound[1] <= limit[1])  # the other row as usual

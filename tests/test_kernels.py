@@ -368,6 +368,25 @@ def test_finish_reports_broken_annotations():
     assert done.result.broken.tolist() == [[False, False], [True, False]] and done.escalate
 
 
+@pytest.mark.parametrize("field", ["k_scale", "k_zero", "kappa"])
+def test_finish_refuses_nan_key_metadata_as_the_twin_does(field):
+    """NaN in a promoted block's scale or zero (they bound the score error even though its keys are read exact) makes
+    the score error infinite: refused, as by the twin (Triton's max skips NaN; the kernel must not). NaN kappa of a
+    quantized block leaves the other form of Delta_b: both accept or refuse alike."""
+    layer, view, quantizer = random_layer([70, 40], 2, 64, (8, 4), promoted=0, seed=7)
+    block = int(view.block_tables[0, 1])
+    if field == "kappa":
+        layer.block_notes[block, 0, 1] = float("nan")
+    else:
+        layer.slots[block, 0, 0] = 0  # the block's keys of KV head 0 are held exact in scratch slot 0
+        getattr(layer, field)[block, 0, 3] = float("nan")
+    q = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    done, bound, limit = finish_against_twin(q, layer, view, quantizer, torch.tensor([0.5, 0.5], device=DEVICE),
+                                             what=f"NaN {field}")
+    if field != "kappa":
+        assert not bool((done.result.bound[0, 0] <= done.result.limit[0, 0]).any()) and done.escalate
+
+
 def test_finish_kernel_compiles_for_hopper_and_ampere():
     """As the decode kernel's compile test: the finish kernel's float64 terms and branches through the compiler."""
     assert all(0 <= used <= 48 * 1024 for used in compiled("certified_finish", [(90, 4), (90, 8, 64, 8), (80, 32)]))

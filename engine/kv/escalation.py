@@ -18,6 +18,7 @@ accepted heads farther from it than their bound and farther than their promise (
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -193,7 +194,7 @@ class Ladder:
                                       float(bound[i, h].amax()), float(plan.tolerance[i]), blocks, nbytes, seconds,
                                       hit, plan.request_ids[i])
             cache.records.append(record)
-            cache.stats[record.engine_id].add_record(record)
+            plan.updates.append(partial(cache.stats[record.engine_id].add_record, record))
 
     def _promote(self, layer, plan, wanted: dict) -> dict:
         """All of a layer's promotions in one transfer and one scratch update per kind (TieredKVCache.promote); returns
@@ -314,17 +315,16 @@ class Ladder:
                                                                                   rms.view(shape[:-1]))
         accepted = (rung[audited][..., None] <= 2).expand_as(actual)
         for n, i in enumerate(audited):
-            stats, checked = self.cache.stats[plan.request_ids[i]], accepted[n]
+            checked = accepted[n]
             error, limit = actual[n][checked], bound[i][checked].double()
-            stats.audit_violations += int((error > limit).sum())
-            stats.promise_violations += int((error > promise[n][checked]).sum())
-            if error.numel():
-                ratio = error / limit.clamp_min(1e-300)
-                stats.worst_actual_over_bound = max(stats.worst_actual_over_bound, float(ratio.max()))
-                stats.worst_actual_over_promise = max(stats.worst_actual_over_promise,
-                                                      float((error / promise[n][checked].clamp_min(1e-300)).max()))
-                counts = torch.bincount(ratio_bins(ratio), minlength=RATIO_BINS).tolist()
-                stats.ratio_hist = [a + b for a, b in zip(stats.ratio_hist, counts)]
+            if not error.numel():
+                continue
+            ratio = error / limit.clamp_min(1e-300)
+            counts = torch.bincount(ratio_bins(ratio), minlength=RATIO_BINS).tolist()
+            plan.updates.append(partial(
+                self.cache.stats[plan.request_ids[i]].add_audit, int((error > limit).sum()),
+                int((error > promise[n][checked]).sum()), float(ratio.max()),
+                float((error / promise[n][checked].clamp_min(1e-300)).max()), counts))
 
     def account(self, plan) -> None:
         """Adds the step's layers to its tally, all at once (flushed into the certificates by end_step)."""

@@ -76,3 +76,17 @@ class CertificateStats:
     def add_record(self, record: EscalationRecord) -> None:
         self.transfer_bytes += record.bytes
         self.transfer_seconds += record.transfer_seconds
+
+    def add_exact(self, evaluations: int) -> None:
+        """Evaluations computed exactly from tier 2 (exact mode: rung 3)."""
+        self.evaluations += evaluations
+        self.rungs[3] += evaluations
+
+    def add_audit(self, violations: int, promise_violations: int, worst_over_bound: float, worst_over_promise: float,
+                  counts: list[int]) -> None:
+        """One layer's audit of this request's accepted heads (counts: the ratio histogram's)."""
+        self.audit_violations += violations
+        self.promise_violations += promise_violations
+        self.worst_actual_over_bound = max(self.worst_actual_over_bound, worst_over_bound)
+        self.worst_actual_over_promise = max(self.worst_actual_over_promise, worst_over_promise)
+        self.ratio_hist = [a + b for a, b in zip(self.ratio_hist, counts)]

@@ -22,6 +22,7 @@ certified/audit ones climb the ladder (engine.kv.escalation) when the bound exce
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 
@@ -94,6 +95,9 @@ class StepPlan:
     decode_only: bool  # every row of the step is a tier-1 decode, in row order
     tally: Tally | None
     prefetches: list = field(default_factory=list)  # (layer, chosen blocks [Bd, Hkv, 2, K]) to fetch after the step
+    # the pass's certificate updates, made by end_step: a pass abandoned midway (the engine runs its requests again
+    # one by one) leaves no trace in the certificates
+    updates: list = field(default_factory=list)
     window: int | None = None  # the sliding window this plan's view applies (None: whole contexts)
     windowed: dict = field(default_factory=dict)  # window -> this plan with that window's view (built on first use)
 
@@ -324,16 +328,17 @@ class TieredKVCache:
             seqs = plan.exact_seqs
             out[plan.exact_rows] = self.exact_decode(layer, q[plan.exact_rows], batch.block_tables[seqs],
                                                      batch.context_lens[seqs], scale, window)
-            for rid in plan.exact_ids:
-                self.stats[rid].evaluations += q.shape[1]
-                self.stats[rid].rungs[3] += q.shape[1]
+            plan.updates.extend(partial(self.stats[rid].add_exact, q.shape[1]) for rid in plan.exact_ids)
         if plan.view is not None:
             out[plan.quant_rows] = self._quantized_decode(layer, q[plan.quant_rows], plan, batch, scale)
         return out
 
     def end_step(self, batch: ForwardBatch) -> None:
-        """Adds the step's tally to the requests' certificates (one host transfer for the whole step)."""
+        """Adds the step's tally and updates to the requests' certificates (one host transfer for the whole step)."""
         plan: StepPlan = batch.cache_meta
+        for update in plan.updates:
+            update()
+        plan.updates.clear()
         if plan.tally is None:
             return
         self.ladder.prefetch_chosen(plan)
