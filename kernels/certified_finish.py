@@ -69,12 +69,13 @@ def _chunk(b, seq, h, row, live, top, total, out_norm, q_norm, q_abs_sum, block_
     sums = block_sums + at * 5
     count = tl.load(sums, mask=ok, other=0.0).to(tl.float64)
     weight = tl.where(count > 0, tl.exp(tl.where(count > 0, m - top[:, None], 0.0)), 0.0) / total[:, None]
-    rho = weight * count
-    contrib = weight * tl.load(sums + 1, mask=ok, other=0.0).to(tl.float64)
-    norm_sum = weight * tl.load(sums + 2, mask=ok, other=0.0).to(tl.float64)
-    square = weight * tl.load(sums + 3, mask=ok, other=0.0).to(tl.float64)
-    low = weight * tl.load(sums + 4, mask=ok, other=0.0).to(tl.float64)
-    dev = norm_sum + rho * out_norm[:, None] + contrib
+    eta_sum = tl.load(sums + 1, mask=ok, other=0.0).to(tl.float64)
+    norm_sum = tl.load(sums + 2, mask=ok, other=0.0).to(tl.float64)
+    square_sum = tl.load(sums + 3, mask=ok, other=0.0).to(tl.float64)
+    low_sum = tl.load(sums + 4, mask=ok, other=0.0).to(tl.float64)
+    not_finite = ~(_finite(eta_sum) & _finite(norm_sum) & _finite(square_sum) & _finite(low_sum))
+    rho, contrib, square, low = weight * count, weight * eta_sum, weight * square_sum, weight * low_sum
+    dev = weight * norm_sum + rho * out_norm[:, None] + contrib
     # the full blocks' keys: read exact from the scratch (promoted) or quantized (in T)
     table_b = b < nb
     block = tl.load(tables + seq * nb + b, mask=table_b, other=0)
@@ -97,10 +98,8 @@ def _chunk(b, seq, h, row, live, top, total, out_norm, q_norm, q_abs_sum, block_
     magnitude = magnitude + tl.where(promoted[None, :], channel, 0.0)
     # NaN metadata makes the score error infinite, as in the twin (Triton's max skips NaN)
     magnitude = _inf_if_nan(tl.where(attended[None, :], magnitude, 0.0))
-    broken = tl.max(tl.where(in_tail & ~_finite(eps), 1, 0), axis=0)
-    for k in tl.static_range(1, 5):
-        broken = tl.maximum(broken, tl.max(tl.max(tl.where(ok & ~_finite(tl.load(sums + k, mask=ok, other=0.0)),
-                                                           1, 0), axis=1), axis=0))
+    broken = tl.maximum(tl.max(tl.where(in_tail & ~_finite(eps), 1, 0), axis=0),
+                        tl.max(tl.max(tl.where(ok & not_finite, 1, 0), axis=1), axis=0))
     return rho, contrib, dev, square, low, delta, in_tail, magnitude, broken
 
 
@@ -275,7 +274,6 @@ class Finished:
     def __init__(self, served: torch.Tensor, result: DecodeResult, flags: torch.Tensor):
         self.served, self.result = served, result
         self.escalate, self.near = (bool(x) for x in flags.tolist())
-        self.mass = result.mass
 
 
 def decode_layer(q, layer: QuantizedLayer, view: DecodeView, scale: float, quantizer, radius: torch.Tensor,
